@@ -1,0 +1,306 @@
+//! The f64 reference: the specification in code.
+//!
+//! Plain loops in f64, written to be read against MATH.md rather than to be fast. Every other
+//! backend is tested against these functions; where they disagree, this module is right.
+//!
+//! All solvers work on a row's valid entries in "largest" orientation: smallest-k of x is
+//! largest-k of −x with the gradient negated, and the cost scale s is taken on the raw scores
+//! first. Scores are centred (their mid-range subtracted) and the cost is the shift-equivalent
+//! C_ij = −2·x_i·y_j / s, so every solver sees u_i = 2·(x_i − c)/(s·ε) and a plan
+//! n·Γ_ij = exp(f_i + g_j + u_i·y_j) with potentials f, g in units of ε.
+
+mod backward;
+mod solve;
+
+pub use backward::{sorted_backward, topk_backward};
+pub use solve::{exact_threshold, sinkhorn, sorted_newton, Plan};
+
+use crate::batch::check_row_values;
+use crate::error::Result;
+use crate::op::{Direction, Solver, Variant};
+use crate::output::RowReport;
+use crate::{check_backward_args, Backend, Batch, Cotangent, Forward, SoftTopK};
+
+/// The marginal error the reference's default sorted solve runs to: near f64 rounding of the
+/// column sums, far below anything an f32 backend can see.
+pub const AUTO_TOLERANCE: f64 = 1e-12;
+
+/// One row's answer in f64, over the full row (excluded entries hold 0).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RowOutput {
+    pub mask: Vec<f64>,
+    /// Sorted variant: `k` ranks (the row's k as solved), each of length n.
+    pub ranks: Vec<Vec<f64>>,
+    pub report: RowReport,
+}
+
+/// A row's valid entries in largest orientation, with where they came from.
+struct Compact {
+    cols: Vec<usize>,
+    x: Vec<f64>,
+}
+
+fn compact<T: Copy + Into<f64>>(op: &SoftTopK, scores: &[T], valid: Option<&[bool]>) -> Compact {
+    let sign = op.direction.sign();
+    let excluded = match op.direction {
+        Direction::Largest => f64::NEG_INFINITY,
+        Direction::Smallest => f64::INFINITY,
+    };
+    let (mut cols, mut x) = (Vec::new(), Vec::new());
+    for (col, v) in scores.iter().map(|&v| v.into()).enumerate() {
+        if v != excluded && valid.is_none_or(|m| m[col]) {
+            cols.push(col);
+            x.push(sign * v);
+        }
+    }
+    Compact { cols, x }
+}
+
+/// u_i = 2·(x_i − c)/(s·ε), c the mid-range: the scores in units of the temperature.
+fn scaled_scores(x: &[f64], scale: f64, epsilon: f64) -> Vec<f64> {
+    let lo = x.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let centre = 0.5 * lo + 0.5 * hi;
+    let factor = 2.0 / (scale * epsilon);
+    x.iter().map(|&v| (v - centre) * factor).collect()
+}
+
+/// The forward pass on one row (any float type), with its report; input errors land in the
+/// report and leave the outputs at 0.
+pub fn forward_row<T: Copy + Into<f64>>(
+    op: &SoftTopK,
+    row: usize,
+    scores: &[T],
+    valid: Option<&[bool]>,
+) -> RowOutput {
+    let n = scores.len();
+    let mut out = RowOutput {
+        mask: vec![0.0; n],
+        ranks: Vec::new(),
+        report: RowReport::exact(0, 0),
+    };
+    let spec = match op
+        .check(1)
+        .and_then(|_| check_row_values(op, row, scores, valid))
+    {
+        Ok(spec) => spec,
+        Err(e) => {
+            out.report = RowReport::failed(e);
+            return out;
+        }
+    };
+    let Compact { cols, x } = compact(op, scores, valid);
+    let k = spec.k;
+    out.report = RowReport::exact(k, spec.n_valid);
+    if op.variant == Variant::Sorted {
+        out.ranks = vec![vec![0.0; n]; k];
+    }
+    if k == 0 {
+        return out;
+    }
+
+    let u = scaled_scores(&x, spec.scale, op.epsilon);
+    let plan = match (op.variant, op.solver) {
+        (Variant::TopK, _) if k == x.len() => Plan::ones_column(x.len()),
+        (Variant::TopK, Solver::Auto | Solver::Exact) => solve::exact_topk(&u, k),
+        (
+            Variant::TopK,
+            Solver::Sinkhorn {
+                tolerance,
+                max_iterations,
+            },
+        ) => {
+            let (anchors, weights) = topk_anchors(x.len(), k);
+            sinkhorn(&u, &anchors, &weights, tolerance, max_iterations)
+        }
+        (
+            Variant::Sorted,
+            Solver::Sinkhorn {
+                tolerance,
+                max_iterations,
+            },
+        ) => {
+            let (anchors, weights) = sorted_anchors(x.len(), k);
+            sinkhorn(&u, &anchors, &weights, tolerance, max_iterations)
+        }
+        (Variant::Sorted, solver) => {
+            let (tolerance, max_iterations) = match solver {
+                Solver::Newton {
+                    tolerance,
+                    max_iterations,
+                } => (tolerance, max_iterations),
+                _ => (AUTO_TOLERANCE, crate::op::DEFAULT_NEWTON_ITERATIONS),
+            };
+            let (anchors, weights) = sorted_anchors(x.len(), k);
+            sorted_newton(&u, &anchors, &weights, tolerance, max_iterations)
+        }
+        // `op.check` refuses Newton for top-k.
+        (Variant::TopK, Solver::Newton { .. }) => unreachable!("checked by SoftTopK::check"),
+    };
+
+    // Scatter the plan's columns back to the row: column 0 is the top anchor (the mask for
+    // top-k, rank 0 for sorted).
+    let ranked = if op.variant == Variant::Sorted { k } else { 1 };
+    for (i, &col) in cols.iter().enumerate() {
+        let p = &plan.p[i * plan.m..(i + 1) * plan.m];
+        out.mask[col] = p[..ranked].iter().sum();
+        for (j, rank) in out.ranks.iter_mut().enumerate() {
+            rank[col] = p[j];
+        }
+    }
+    out.report.converged = plan.converged;
+    out.report.iterations = plan.iterations;
+    out.report.marginal_error = plan.marginal_error;
+    out
+}
+
+/// Top-k anchors in plan order: y = 1 (weight k, in units of 1/n) first, then y = 0.
+pub(crate) fn topk_anchors(n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    (vec![1.0, 0.0], vec![k as f64, (n - k) as f64])
+}
+
+/// Sorted anchors y_j = k − j, weight 1 each (units of 1/n), and y = 0 with the leftover
+/// weight n − k unless k = n, where that anchor would carry nothing and is dropped.
+pub(crate) fn sorted_anchors(n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
+    let mut anchors: Vec<f64> = (0..k).map(|j| (k - j) as f64).collect();
+    let mut weights = vec![1.0; k];
+    if k < n {
+        anchors.push(0.0);
+        weights.push((n - k) as f64);
+    }
+    (anchors, weights)
+}
+
+/// The backward pass on one row: the gradient of the scores from the upstream gradient of the
+/// mask and/or of the ranks, given this row's forward output (from any backend).
+pub fn backward_row<T: Copy + Into<f64>>(
+    op: &SoftTopK,
+    row: usize,
+    scores: &[T],
+    valid: Option<&[bool]>,
+    mask: &[f64],
+    ranks: &[Vec<f64>],
+    grad_mask: Option<&[f64]>,
+    grad_ranks: Option<&[Vec<f64>]>,
+) -> Vec<f64> {
+    let n = scores.len();
+    let mut grad = vec![0.0; n];
+    let Ok(spec) = op
+        .check(1)
+        .and_then(|_| check_row_values(op, row, scores, valid))
+    else {
+        return grad;
+    };
+    if spec.is_trivial() {
+        return grad;
+    }
+    let Compact { cols, x } = compact(op, scores, valid);
+    let factor = 2.0 / (spec.scale * op.epsilon);
+    let pick = |v: &[f64]| cols.iter().map(|&c| v[c]).collect::<Vec<f64>>();
+
+    let compact_grad = match op.variant {
+        Variant::TopK => {
+            let g = grad_mask.map(pick).unwrap_or_else(|| vec![0.0; x.len()]);
+            topk_backward(&pick(mask), &g, factor)
+        }
+        Variant::Sorted => {
+            let k = spec.k;
+            let (anchors, _) = sorted_anchors(x.len(), k);
+            let p: Vec<Vec<f64>> = ranks.iter().take(k).map(|r| pick(r)).collect();
+            let g_mask = grad_mask.map(pick);
+            let g: Vec<Vec<f64>> = (0..k)
+                .map(|j| {
+                    let mut gj = grad_ranks.map_or(vec![0.0; x.len()], |gr| pick(&gr[j]));
+                    if let Some(gm) = &g_mask {
+                        gj.iter_mut().zip(gm).for_each(|(a, b)| *a += b);
+                    }
+                    gj
+                })
+                .collect();
+            sorted_backward(&p, &g, &anchors, factor)
+        }
+    };
+    let sign = op.direction.sign();
+    for (&col, g) in cols.iter().zip(compact_grad) {
+        grad[col] = sign * g;
+    }
+    grad
+}
+
+/// The reference as a [`Backend`]: f32 in and out, f64 inside, one row at a time.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Reference;
+
+impl Backend for Reference {
+    fn name(&self) -> String {
+        "reference".into()
+    }
+
+    fn forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
+        op.check(batch.rows())?;
+        let (rows, n) = (batch.rows(), batch.n());
+        let k_max = if op.variant == Variant::Sorted {
+            op.k_max(rows)
+        } else {
+            0
+        };
+        let mut fwd = Forward::zeros(rows, n, k_max, op.variant == Variant::Sorted);
+        for r in 0..rows {
+            let out = forward_row(op, r, batch.row(r), batch.valid_row(r));
+            let to_f32 = |dst: &mut [f32], src: &[f64]| {
+                dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s as f32)
+            };
+            to_f32(&mut fwd.mask[r * n..(r + 1) * n], &out.mask);
+            if let Some(ranks) = fwd.ranks.as_mut() {
+                for (j, rank) in out.ranks.iter().enumerate() {
+                    let start = (r * k_max + j) * n;
+                    to_f32(&mut ranks[start..start + n], rank);
+                }
+            }
+            fwd.reports.push(out.report);
+        }
+        Ok(fwd)
+    }
+
+    fn backward(
+        &self,
+        op: &SoftTopK,
+        batch: &Batch,
+        forward: &Forward,
+        cotangent: Cotangent,
+    ) -> Result<Vec<f32>> {
+        check_backward_args(op, batch, forward, cotangent)?;
+        let (rows, n, k_max) = (batch.rows(), batch.n(), forward.k_max);
+        let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+        let mut grad = vec![0.0f32; rows * n];
+        for r in 0..rows {
+            let slot = |j: usize| (r * k_max + j) * n..(r * k_max + j + 1) * n;
+            let ranks: Vec<Vec<f64>> = match &forward.ranks {
+                Some(p) => (0..k_max).map(|j| widen(&p[slot(j)])).collect(),
+                None => Vec::new(),
+            };
+            let (g_mask, g_ranks) = match cotangent {
+                Cotangent::Mask(g) => (Some(widen(&g[r * n..(r + 1) * n])), None),
+                Cotangent::Ranks(g) => (
+                    None,
+                    Some((0..k_max).map(|j| widen(&g[slot(j)])).collect::<Vec<_>>()),
+                ),
+            };
+            let g = backward_row(
+                op,
+                r,
+                batch.row(r),
+                batch.valid_row(r),
+                &widen(forward.mask_row(r)),
+                &ranks,
+                g_mask.as_deref(),
+                g_ranks.as_deref(),
+            );
+            grad[r * n..(r + 1) * n]
+                .iter_mut()
+                .zip(g)
+                .for_each(|(d, s)| *d = s as f32);
+        }
+        Ok(grad)
+    }
+}
