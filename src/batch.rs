@@ -116,10 +116,14 @@ pub struct RowSpec {
 }
 
 impl RowSpec {
-    /// k ∈ {0, n_valid}: the output is exact (all 0 or all 1 on the valid entries) and the
-    /// gradient is 0, whatever the solver.
-    pub fn is_trivial(&self) -> bool {
-        self.k == 0 || self.k == self.n_valid
+    /// Whether the output is exact and the gradient 0, whatever the solver: k = 0, or for top-k
+    /// k = n_valid (all 1), or for sorted a single valid entry. (Sorted with k = n_valid > 1 is
+    /// a soft permutation, not trivial.)
+    pub fn is_trivial(&self, variant: Variant) -> bool {
+        match variant {
+            Variant::TopK => self.k == 0 || self.k == self.n_valid,
+            Variant::Sorted => self.k == 0 || self.n_valid <= 1,
+        }
     }
 }
 

@@ -173,11 +173,6 @@ impl SoftTopK {
     /// Checks what can be checked without the scores: ε, the per-row k list against `rows`,
     /// and that the solver fits the variant.
     pub fn check(&self, rows: usize) -> Result<()> {
-        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
-            return Err(Error::EpsNotPositive {
-                epsilon: self.epsilon,
-            });
-        }
         if let K::PerRow(ks) = &self.k {
             if ks.len() != rows {
                 return Err(Error::ShapeMismatch {
@@ -186,6 +181,16 @@ impl SoftTopK {
                     actual: ks.len(),
                 });
             }
+        }
+        self.check_settings()
+    }
+
+    /// [`SoftTopK::check`] without the batch: ε, and that the solver fits the variant.
+    pub fn check_settings(&self) -> Result<()> {
+        if !(self.epsilon.is_finite() && self.epsilon > 0.0) {
+            return Err(Error::EpsNotPositive {
+                epsilon: self.epsilon,
+            });
         }
         match (self.variant, self.solver) {
             (Variant::Sorted, Solver::Exact) => Err(Error::InvalidOption(

@@ -3,7 +3,7 @@
 mod common;
 
 use common::{assert_close, load_cases};
-use soft_topk::reference::{backward_row, forward_row};
+use soft_topk::reference::{backward_row, forward_row, RowCotangent};
 use soft_topk::Variant;
 
 /// The cases' expected values come from Sinkhorn run to a 1e-12 marginal error and from the
@@ -41,7 +41,18 @@ fn reference_matches_every_public_case() {
                     REFERENCE_TOLERANCE,
                 );
                 let v = case.cotangent_mask();
-                backward_row(&op, 0, &x, None, &out.mask, &out.ranks, Some(&v), None)
+                backward_row(
+                    &op,
+                    0,
+                    &x,
+                    None,
+                    &out.mask,
+                    &out.ranks,
+                    RowCotangent {
+                        mask: Some(&v),
+                        ranks: None,
+                    },
+                )
             }
             Variant::Sorted => {
                 let expected = case.expected_ranks();
@@ -54,7 +65,18 @@ fn reference_matches_every_public_case() {
                     );
                 }
                 let v = case.cotangent_ranks();
-                backward_row(&op, 0, &x, None, &out.mask, &out.ranks, None, Some(&v))
+                backward_row(
+                    &op,
+                    0,
+                    &x,
+                    None,
+                    &out.mask,
+                    &out.ranks,
+                    RowCotangent {
+                        mask: None,
+                        ranks: Some(&v),
+                    },
+                )
             }
         };
         assert_close(

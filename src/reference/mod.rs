@@ -80,7 +80,7 @@ pub fn forward_row<T: Copy + Into<f64>>(
         report: RowReport::exact(0, 0),
     };
     let spec = match op
-        .check(1)
+        .check_settings()
         .and_then(|_| check_row_values(op, row, scores, valid))
     {
         Ok(spec) => spec,
@@ -171,6 +171,13 @@ pub(crate) fn sorted_anchors(n: usize, k: usize) -> (Vec<f64>, Vec<f64>) {
     (anchors, weights)
 }
 
+/// One row's upstream gradient in f64: of the mask, of the ranks (k rows of n), or both.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RowCotangent<'a> {
+    pub mask: Option<&'a [f64]>,
+    pub ranks: Option<&'a [Vec<f64>]>,
+}
+
 /// The backward pass on one row: the gradient of the scores from the upstream gradient of the
 /// mask and/or of the ranks, given this row's forward output (from any backend).
 pub fn backward_row<T: Copy + Into<f64>>(
@@ -180,22 +187,29 @@ pub fn backward_row<T: Copy + Into<f64>>(
     valid: Option<&[bool]>,
     mask: &[f64],
     ranks: &[Vec<f64>],
-    grad_mask: Option<&[f64]>,
-    grad_ranks: Option<&[Vec<f64>]>,
+    cotangent: RowCotangent,
 ) -> Vec<f64> {
+    let RowCotangent {
+        mask: grad_mask,
+        ranks: grad_ranks,
+    } = cotangent;
     let n = scores.len();
     let mut grad = vec![0.0; n];
     let Ok(spec) = op
-        .check(1)
+        .check_settings()
         .and_then(|_| check_row_values(op, row, scores, valid))
     else {
         return grad;
     };
-    if spec.is_trivial() {
+    if spec.is_trivial(op.variant) {
+        return grad;
+    }
+    let factor = 2.0 / (spec.scale * op.epsilon);
+    if !factor.is_finite() {
+        // A temperature of 0 in f64: the hard top-k, whose gradient is 0.
         return grad;
     }
     let Compact { cols, x } = compact(op, scores, valid);
-    let factor = 2.0 / (spec.scale * op.epsilon);
     let pick = |v: &[f64]| cols.iter().map(|&c| v[c]).collect::<Vec<f64>>();
 
     let compact_grad = match op.variant {
@@ -227,6 +241,73 @@ pub fn backward_row<T: Copy + Into<f64>>(
     grad
 }
 
+/// The reference forward on row `r` of a batch, written as f32 into the row's mask and its
+/// `k_max` rank slots (empty for top-k).
+pub(crate) fn forward_into(
+    op: &SoftTopK,
+    batch: &Batch,
+    r: usize,
+    mask: &mut [f32],
+    ranks: &mut [f32],
+) -> RowReport {
+    let out = forward_row(op, r, batch.row(r), batch.valid_row(r));
+    narrow(mask, &out.mask);
+    for (slot, rank) in ranks.chunks_exact_mut(batch.n()).zip(&out.ranks) {
+        narrow(slot, rank);
+    }
+    out.report
+}
+
+/// The reference backward on row `r` of a batch, from f32 forward output and cotangent slices
+/// of this row (`ranks` and a ranks cotangent hold `k_max` slots of n).
+pub(crate) fn backward_into(
+    op: &SoftTopK,
+    batch: &Batch,
+    r: usize,
+    mask: &[f32],
+    ranks: &[f32],
+    cotangent: Cotangent,
+    grad: &mut [f32],
+) {
+    let n = batch.n();
+    let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
+    let ranks: Vec<Vec<f64>> = ranks.chunks_exact(n).map(widen).collect();
+    let (g_mask, g_ranks) = match cotangent {
+        Cotangent::Mask(g) => (Some(widen(g)), None),
+        Cotangent::Ranks(g) => (None, Some(g.chunks_exact(n).map(widen).collect::<Vec<_>>())),
+    };
+    let g = backward_row(
+        op,
+        r,
+        batch.row(r),
+        batch.valid_row(r),
+        &widen(mask),
+        &ranks,
+        RowCotangent {
+            mask: g_mask.as_deref(),
+            ranks: g_ranks.as_deref(),
+        },
+    );
+    narrow(grad, &g);
+}
+
+fn narrow(dst: &mut [f32], src: &[f64]) {
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s as f32);
+}
+
+/// This row's part of a cotangent: its n mask entries or its `k_max · n` rank entries.
+pub(crate) fn cotangent_row<'a>(
+    cotangent: Cotangent<'a>,
+    r: usize,
+    n: usize,
+    k_max: usize,
+) -> Cotangent<'a> {
+    match cotangent {
+        Cotangent::Mask(g) => Cotangent::Mask(&g[r * n..(r + 1) * n]),
+        Cotangent::Ranks(g) => Cotangent::Ranks(&g[r * k_max * n..(r + 1) * k_max * n]),
+    }
+}
+
 /// The reference as a [`Backend`]: f32 in and out, f64 inside, one row at a time.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Reference;
@@ -239,25 +320,18 @@ impl Backend for Reference {
     fn forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
         op.check(batch.rows())?;
         let (rows, n) = (batch.rows(), batch.n());
-        let k_max = if op.variant == Variant::Sorted {
-            op.k_max(rows)
-        } else {
-            0
-        };
-        let mut fwd = Forward::zeros(rows, n, k_max, op.variant == Variant::Sorted);
+        let sorted = op.variant == Variant::Sorted;
+        let k_max = if sorted { op.k_max(rows) } else { 0 };
+        let mut fwd = Forward::zeros(rows, n, k_max, sorted);
+        let mut no_ranks = Vec::new();
         for r in 0..rows {
-            let out = forward_row(op, r, batch.row(r), batch.valid_row(r));
-            let to_f32 = |dst: &mut [f32], src: &[f64]| {
-                dst.iter_mut().zip(src).for_each(|(d, s)| *d = *s as f32)
+            let mask = &mut fwd.mask[r * n..(r + 1) * n];
+            let ranks = match fwd.ranks.as_mut() {
+                Some(p) => &mut p[r * k_max * n..(r + 1) * k_max * n],
+                None => &mut no_ranks[..],
             };
-            to_f32(&mut fwd.mask[r * n..(r + 1) * n], &out.mask);
-            if let Some(ranks) = fwd.ranks.as_mut() {
-                for (j, rank) in out.ranks.iter().enumerate() {
-                    let start = (r * k_max + j) * n;
-                    to_f32(&mut ranks[start..start + n], rank);
-                }
-            }
-            fwd.reports.push(out.report);
+            let report = forward_into(op, batch, r, mask, ranks);
+            fwd.reports.push(report);
         }
         Ok(fwd)
     }
@@ -271,35 +345,14 @@ impl Backend for Reference {
     ) -> Result<Vec<f32>> {
         check_backward_args(op, batch, forward, cotangent)?;
         let (rows, n, k_max) = (batch.rows(), batch.n(), forward.k_max);
-        let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
         let mut grad = vec![0.0f32; rows * n];
-        for r in 0..rows {
-            let slot = |j: usize| (r * k_max + j) * n..(r * k_max + j + 1) * n;
-            let ranks: Vec<Vec<f64>> = match &forward.ranks {
-                Some(p) => (0..k_max).map(|j| widen(&p[slot(j)])).collect(),
-                None => Vec::new(),
-            };
-            let (g_mask, g_ranks) = match cotangent {
-                Cotangent::Mask(g) => (Some(widen(&g[r * n..(r + 1) * n])), None),
-                Cotangent::Ranks(g) => (
-                    None,
-                    Some((0..k_max).map(|j| widen(&g[slot(j)])).collect::<Vec<_>>()),
-                ),
-            };
-            let g = backward_row(
-                op,
-                r,
-                batch.row(r),
-                batch.valid_row(r),
-                &widen(forward.mask_row(r)),
-                &ranks,
-                g_mask.as_deref(),
-                g_ranks.as_deref(),
-            );
-            grad[r * n..(r + 1) * n]
-                .iter_mut()
-                .zip(g)
-                .for_each(|(d, s)| *d = s as f32);
+        for (r, grad_row) in grad.chunks_exact_mut(n).enumerate() {
+            let ranks = forward
+                .ranks
+                .as_deref()
+                .map_or(&[][..], |p| &p[r * k_max * n..(r + 1) * k_max * n]);
+            let cot = cotangent_row(cotangent, r, n, k_max);
+            backward_into(op, batch, r, forward.mask_row(r), ranks, cot, grad_row);
         }
         Ok(grad)
     }

@@ -142,3 +142,24 @@ pub fn assert_close(what: &str, actual: &[f64], expected: &[f64], tolerance: f64
         expected[at]
     );
 }
+
+/// A seeded batch of uniform scores in [lo, hi).
+pub fn uniform_scores(rows: usize, n: usize, lo: f32, hi: f32, seed: u64) -> Vec<f32> {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..rows * n).map(|_| rng.random_range(lo..hi)).collect()
+}
+
+/// Largest |a − b| over two f32 slices, its index, and the largest |b|.
+pub fn worst_abs(actual: &[f32], expected: &[f32]) -> (f32, usize, f32) {
+    assert_eq!(actual.len(), expected.len(), "lengths differ");
+    let mut worst = (0.0f32, 0usize, 0.0f32);
+    for (i, (a, b)) in actual.iter().zip(expected).enumerate() {
+        let e = (a - b).abs();
+        if e > worst.0 || e.is_nan() {
+            worst = (e, i, worst.2);
+        }
+        worst.2 = worst.2.max(b.abs());
+    }
+    worst
+}
