@@ -143,7 +143,8 @@ pub fn forward_row<T: Copy + Into<f64>>(
     let ranked = if op.variant == Variant::Sorted { k } else { 1 };
     for (i, &col) in cols.iter().enumerate() {
         let p = &plan.p[i * plan.m..(i + 1) * plan.m];
-        out.mask[col] = p[..ranked].iter().sum();
+        // Row sums are 1 up to rounding; the mask never leaves [0, 1].
+        out.mask[col] = p[..ranked].iter().sum::<f64>().min(1.0);
         for (j, rank) in out.ranks.iter_mut().enumerate() {
             rank[col] = p[j];
         }
