@@ -15,7 +15,11 @@ const HARD_LIMIT_TOLERANCE: f64 = 1e-12;
 
 fn row_and_k() -> impl Strategy<Value = (Vec<f64>, usize, f64)> {
     (1usize..40).prop_flat_map(|n| {
-        (prop::collection::vec(-10.0f64..10.0, n), 0..=n, 0.01f64..2.0)
+        (
+            prop::collection::vec(-10.0f64..10.0, n),
+            0..=n,
+            0.01f64..2.0,
+        )
     })
 }
 

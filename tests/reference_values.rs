@@ -11,20 +11,34 @@ const SINKHORN_AGREEMENT: f64 = 1e-10;
 
 fn assert_digits(what: &str, got: &[f64], want: &[f64]) {
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
-        assert!((g - w).abs() <= PRINTED_DIGITS, "{what}[{i}]: got {g:.9}, MATH.md says {w}");
+        assert!(
+            (g - w).abs() <= PRINTED_DIGITS,
+            "{what}[{i}]: got {g:.9}, MATH.md says {w}"
+        );
     }
 }
 
 #[test]
 fn official_demo_smallest_scale_max() {
     let x = [5.0, 2.0, 3.0, 4.0, 1.0, 6.0];
-    let op = SoftTopK::new(3, 0.05).direction(Direction::Smallest).scale(Scale::Max);
+    let op = SoftTopK::new(3, 0.05)
+        .direction(Direction::Smallest)
+        .scale(Scale::Max);
     let out = forward_row(&op, 0, &x, None);
-    assert_digits("A", &out.mask, &[0.158869, 0.841131, 0.635424, 0.364576, 0.941463, 0.058537]);
+    assert_digits(
+        "A",
+        &out.mask,
+        &[0.158869, 0.841131, 0.635424, 0.364576, 0.941463, 0.058537],
+    );
     let v = [0.0, 1.0, 1.0, 1.0, 0.0, 0.0];
-    let cot = RowCotangent { mask: Some(&v), ranks: None };
+    let cot = RowCotangent {
+        mask: Some(&v),
+        ranks: None,
+    };
     let grad = backward_row(&op, 0, &x, None, &out.mask, &out.ranks, cot);
-    let want = [0.105416, -0.043062, -0.074652, -0.074652, 0.043475, 0.043475];
+    let want = [
+        0.105416, -0.043062, -0.074652, -0.074652, 0.043475, 0.043475,
+    ];
     assert_digits("dL/dx", &grad, &want);
 }
 
@@ -52,16 +66,25 @@ fn ties_saturation_and_trivial_k() {
     let out = forward_row(&op, 0, &x, None);
     assert_digits("saturated", &out.mask, &[0.0, 0.0, 1.0, 1.0]);
     let v = [1.0, -2.0, 3.0, -4.0];
-    let cot = RowCotangent { mask: Some(&v), ranks: None };
+    let cot = RowCotangent {
+        mask: Some(&v),
+        ranks: None,
+    };
     let grad = backward_row(&op, 0, &x, None, &out.mask, &out.ranks, cot);
-    assert!(grad.iter().all(|&g| g == 0.0), "saturated gradient {grad:?}");
+    assert!(
+        grad.iter().all(|&g| g == 0.0),
+        "saturated gradient {grad:?}"
+    );
 
     let x = [0.3, -1.0, 2.0];
     for (k, fill) in [(0, 0.0), (3, 1.0)] {
         let op = SoftTopK::new(k, 0.1);
         let out = forward_row(&op, 0, &x, None);
         assert_eq!(out.mask, vec![fill; 3], "k = {k}");
-        let cot = RowCotangent { mask: Some(&v[..3]), ranks: None };
+        let cot = RowCotangent {
+            mask: Some(&v[..3]),
+            ranks: None,
+        };
         let grad = backward_row(&op, 0, &x, None, &out.mask, &out.ranks, cot);
         assert_eq!(grad, vec![0.0; 3], "k = {k} gradient");
     }
@@ -75,10 +98,15 @@ fn exact_top_k_agrees_with_converged_sinkhorn() {
     for (k, eps) in [(1, 0.5), (3, 0.1), (5, 0.05), (9, 0.2)] {
         for scale in [Scale::None, Scale::Max] {
             let exact = forward_row(&SoftTopK::new(k, eps).scale(scale), 0, &x, None);
-            let sinkhorn_op =
-                SoftTopK::new(k, eps).scale(scale).solver(Solver::sinkhorn(1e-13, 1_000_000));
+            let sinkhorn_op = SoftTopK::new(k, eps)
+                .scale(scale)
+                .solver(Solver::sinkhorn(1e-13, 1_000_000));
             let iterative = forward_row(&sinkhorn_op, 0, &x, None);
-            assert!(iterative.report.converged, "k={k} eps={eps}: {:?}", iterative.report);
+            assert!(
+                iterative.report.converged,
+                "k={k} eps={eps}: {:?}",
+                iterative.report
+            );
             for (i, (a, b)) in exact.mask.iter().zip(&iterative.mask).enumerate() {
                 assert!(
                     (a - b).abs() <= SINKHORN_AGREEMENT,

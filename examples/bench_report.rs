@@ -1,0 +1,164 @@
+//! The bench report: one JSON line per configuration, for the README's table.
+//!
+//! ```text
+//! cargo run --release --example bench_report               # CPU (and GPU when present)
+//! cargo run --release --example bench_report -- --quick    # small sizes only
+//! ```
+//!
+//! Each line: backend, adapter, variant, solver, rows, n, k, ε, the median seconds of the
+//! forward and of forward + backward over warm runs, elements per second (forward + backward),
+//! the largest error of the mask against the f64 reference, the count of non-finite gradient
+//! entries, and on the GPU the forward's GB/s with its ratio to a plain copy kernel timed on
+//! the same adapter (the practical ceiling of a memory-bound operator).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use clap::Parser;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde_json::json;
+use soft_topk::cpu::CpuBackend;
+use soft_topk::gpu::GpuBackend;
+use soft_topk::reference::Reference;
+use soft_topk::{Backend, Batch, Cotangent, SoftTopK, Solver, Variant};
+
+#[derive(Parser)]
+struct Args {
+    /// Only the two small sizes.
+    #[arg(long)]
+    quick: bool,
+    /// Warm runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 7)]
+    repeats: usize,
+    /// ε of every configuration.
+    #[arg(long, default_value_t = 0.01)]
+    epsilon: f64,
+}
+
+fn median_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
+    run(); // warm-up: pipelines, buffers, caches
+    let mut times: Vec<f64> = (0..repeats)
+        .map(|_| {
+            let start = Instant::now();
+            run();
+            start.elapsed().as_secs_f64()
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+struct Config {
+    label: &'static str,
+    op: SoftTopK,
+    rows: usize,
+    n: usize,
+}
+
+fn configs(args: &Args, gpu: bool) -> Vec<Config> {
+    let mut sizes = vec![(1, 1000), (64, 1000)];
+    if !args.quick {
+        sizes.extend([(256, 4096), (16, 65536)]);
+        if gpu {
+            sizes.push((4096, 4096));
+        }
+    }
+    let mut list = Vec::new();
+    for &(rows, n) in &sizes {
+        let k = n / 10;
+        list.push(Config {
+            label: "exact",
+            op: SoftTopK::new(k, args.epsilon),
+            rows,
+            n,
+        });
+        if rows * n <= 256 * 4096 {
+            let paper = SoftTopK::new(k, args.epsilon).solver(Solver::PAPER);
+            list.push(Config {
+                label: "sinkhorn_200",
+                op: paper,
+                rows,
+                n,
+            });
+        }
+        if rows * n <= 64 * 1000 {
+            for k in [4, 16] {
+                let sorted = SoftTopK::new(k, args.epsilon).sorted();
+                list.push(Config {
+                    label: "newton",
+                    op: sorted.clone(),
+                    rows,
+                    n,
+                });
+                let paper = sorted.solver(Solver::PAPER);
+                list.push(Config {
+                    label: "sinkhorn_200",
+                    op: paper,
+                    rows,
+                    n,
+                });
+            }
+        }
+    }
+    list
+}
+
+fn main() {
+    let args = Args::parse();
+    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
+    match GpuBackend::shared() {
+        Ok(gpu) => backends.push(gpu),
+        Err(e) => eprintln!("no GPU: {e}"),
+    }
+    let gpu_present = backends.len() > 1;
+    let mut rng = ChaCha8Rng::seed_from_u64(2020);
+    for config in configs(&args, gpu_present) {
+        let Config { label, op, rows, n } = config;
+        let x: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>()).collect();
+        let g: Vec<f32> = (0..rows * n).map(|_| rng.random::<f32>() - 0.5).collect();
+        let batch = Batch::new(&x, rows, n).expect("batch");
+        let exact = Reference.forward(&op, &batch).expect("reference forward");
+        for backend in &backends {
+            let forward = || backend.forward(&op, &batch).expect("forward");
+            let fwd_s = median_seconds(args.repeats, || drop(forward()));
+            let fwd_bwd_s = median_seconds(args.repeats, || {
+                let out = forward();
+                drop(
+                    backend
+                        .backward(&op, &batch, &out, Cotangent::Mask(&g))
+                        .expect("backward"),
+                );
+            });
+            let out = forward();
+            let grad = backend
+                .backward(&op, &batch, &out, Cotangent::Mask(&g))
+                .expect("bwd");
+            let mask_error = out
+                .mask
+                .iter()
+                .zip(&exact.mask)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            let reports = &out.reports;
+            let line = json!({
+                "backend": backend.name(),
+                "variant": if op.variant == Variant::Sorted { "sorted" } else { "topk" },
+                "solver": label,
+                "rows": rows,
+                "n": n,
+                "k": op.k_of(0),
+                "epsilon": op.epsilon,
+                "forward_s": fwd_s,
+                "forward_backward_s": fwd_bwd_s,
+                "elements_per_s": (rows * n) as f64 / fwd_bwd_s,
+                "max_mask_error": mask_error,
+                "non_finite_grad": grad.iter().filter(|v| !v.is_finite()).count(),
+                "converged_rows": reports.iter().filter(|r| r.converged).count(),
+                "max_iterations": reports.iter().map(|r| r.iterations).max(),
+                "max_marginal_error": reports.iter().map(|r| r.marginal_error).fold(0.0, f64::max),
+            });
+            println!("{line}");
+        }
+    }
+}
