@@ -60,6 +60,7 @@ pub mod cpu;
 mod engine;
 pub mod error;
 pub mod gpu;
+pub mod io;
 mod linalg;
 pub mod op;
 pub mod output;
