@@ -1,5 +1,24 @@
 //! Small dense linear algebra in f64: the k×k solves of the sorted variant.
 
+/// Relative damping added to the diagonal by [`solve_psd`]: above the Cholesky pivot guard,
+/// far below any curvature that carries information.
+pub const RELATIVE_DAMPING: f64 = 1e-10;
+
+/// Solves `(a + λ·I) · x = b` for a symmetric positive semi-definite `a`, λ =
+/// [`RELATIVE_DAMPING`] times the largest diagonal entry; `false` when `a` is zero or the
+/// factorisation still fails.
+///
+/// The sorted variant's k×k matrix is nearly singular when a block of anchors barely exchanges
+/// mass with the rest (items far apart from each other at small ε): a near-gauge freedom of
+/// that block. The damping gives that direction a bounded, harmless component instead of
+/// rejecting the whole matrix, so the well-determined directions keep their exact solution (to
+/// ~1e-10 relative) — the Newton step stays defined and the gradient stays right.
+pub fn solve_psd(a: &mut [f64], b: &mut [f64], m: usize) -> bool {
+    let scale = (0..m).map(|j| a[j * m + j]).fold(0.0, f64::max);
+    (0..m).for_each(|j| a[j * m + j] += RELATIVE_DAMPING * scale);
+    cholesky_solve(a, b, m)
+}
+
 /// Solves `a · x = b` for a symmetric positive (semi-)definite `a` (row-major, `m × m`) by
 /// Cholesky factorisation, in place of `b`.
 ///

@@ -10,7 +10,7 @@ use common::{assert_close, load_cases, worst_error, Case};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
-use soft_topk::reference::{backward_row, forward_row};
+use soft_topk::reference::{backward_row, forward_row, RowCotangent};
 use soft_topk::{BackendKind, Batch, Cotangent, Direction, GpuSoftTopK, Scale, SoftTopK, Variant};
 
 /// The public cases' expected values are f64 and the reference agrees with them to 1e-9
@@ -327,8 +327,10 @@ fn the_tool_gives_the_library_numbers() {
             valid,
             &fwd.mask,
             &fwd.ranks,
-            p.g_mask.as_deref(),
-            p.g_ranks.as_deref(),
+            RowCotangent {
+                mask: p.g_mask.as_deref(),
+                ranks: p.g_ranks.as_deref(),
+            },
         );
         assert_same(&format!("{i} grad"), &numbers(&out["grad"]), &grad, 0.0);
         assert_eq!(

@@ -107,3 +107,37 @@ fn sorted_gradient_matches_central_differences() {
         }
     }
 }
+
+/// Regression: three large scores far above ten tied zeros at small ε. The k×k matrix is then
+/// nearly singular in one direction (the zeros exchange almost no mass with the ranks), which
+/// once made Newton stall and the backward return 0 where the true gradient is about 10.
+#[test]
+fn sorted_gradient_on_a_partly_saturated_row() {
+    let mut x = vec![0.0f64; 13];
+    (x[1], x[8], x[12]) = (9.838447084864779, 9.799139099473555, 9.608722577192102);
+    let op = SoftTopK::new(3, 0.0456335961754334).sorted();
+    let out = forward_row(&op, 0, &x, None);
+    assert!(out.report.converged, "{:?}", out.report);
+    let v: Vec<Vec<f64>> = (0..3)
+        .map(|j| (0..13).map(|i| ((i * 7 + j * 3) as f64).sin()).collect())
+        .collect();
+    let cot = RowCotangent {
+        mask: None,
+        ranks: Some(&v),
+    };
+    let grad = backward_row(&op, 0, &x, None, &out.mask, &out.ranks, cot);
+    let h = 1e-7;
+    for i in [1, 8, 12] {
+        let (mut up, mut down) = (x.clone(), x.clone());
+        up[i] += h;
+        down[i] -= h;
+        let numeric =
+            (loss(&op, &up, &[0.0; 13], &v) - loss(&op, &down, &[0.0; 13], &v)) / (2.0 * h);
+        let scale = numeric.abs().max(1.0);
+        assert!(
+            (grad[i] - numeric).abs() <= FD_RELATIVE_TOLERANCE * scale,
+            "entry {i}: analytic {} vs central difference {numeric}",
+            grad[i]
+        );
+    }
+}

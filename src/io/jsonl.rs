@@ -49,7 +49,7 @@ use serde::{Deserialize, Serialize};
 use super::{parse_scale, parse_solver, parse_variant, Runner};
 use crate::error::Error;
 use crate::op::{Direction, SoftTopK, Variant};
-use crate::reference::{backward_row, forward_row};
+use crate::reference::{backward_row, forward_row, RowCotangent};
 use crate::{Batch, Cotangent};
 
 /// The longest line read, in bytes (newline excluded). A longer line becomes a `too_large`
@@ -567,7 +567,16 @@ fn solve_reference(p: &Problem, line: usize) -> Result<Solution, LineError> {
             LineCotangent::Ranks(g) => (None, Some(g.as_slice())),
         };
         backward_row(
-            &p.op, line, &p.scores, valid, &out.mask, &out.ranks, g_mask, g_ranks,
+            &p.op,
+            line,
+            &p.scores,
+            valid,
+            &out.mask,
+            &out.ranks,
+            RowCotangent {
+                mask: g_mask,
+                ranks: g_ranks,
+            },
         )
     });
     // The reference returns the ranks of k as solved; the output always has the requested k.

@@ -16,7 +16,7 @@ use super::Runner;
 use crate::error::Error;
 use crate::op::{SoftTopK, Variant};
 use crate::output::RowReport;
-use crate::reference::{backward_row, forward_row};
+use crate::reference::{backward_row, forward_row, RowCotangent};
 use crate::{Batch, Cotangent};
 
 /// The largest header accepted. numpy writes a few hundred bytes; anything near this is not an
@@ -597,8 +597,10 @@ fn solve_reference(
                         valid_row,
                         &out.mask,
                         &out.ranks,
-                        Some(g),
-                        None,
+                        RowCotangent {
+                            mask: Some(g),
+                            ranks: None,
+                        },
                     )
                 }
                 JobCotangent::Ranks(g) => {
@@ -612,8 +614,10 @@ fn solve_reference(
                         valid_row,
                         &out.mask,
                         &out.ranks,
-                        None,
-                        Some(&g),
+                        RowCotangent {
+                            mask: None,
+                            ranks: Some(&g),
+                        },
                     )
                 }
             };

@@ -2,7 +2,7 @@
 //! (MATH.md §5) for the sorted variant.
 
 use super::solve::column_jacobian;
-use crate::linalg::cholesky_solve;
+use crate::linalg::solve_psd;
 
 /// Top-k: ∂L/∂x_j = factor · A'_j · (g_j − ḡ), with A' = A(1 − A), ḡ the A'-weighted mean of g
 /// and factor = 2/(s·ε). A saturated row (Σ A' = 0) gets a zero gradient.
@@ -70,7 +70,7 @@ pub fn sorted_backward(
 
     // Steps 2–3: β = J⁻¹ (c − P̃ᵀ r), then α.
     let mut jac = column_jacobian(&p, m);
-    if !cholesky_solve(&mut jac, &mut beta, free) {
+    if !solve_psd(&mut jac, &mut beta, free) {
         return vec![0.0; n];
     }
     beta.push(0.0);

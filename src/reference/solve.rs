@@ -3,7 +3,7 @@
 //! Each works on scaled scores u (see the module above) and returns the plan scaled by n, so
 //! that each row of the plan sums to 1 and column j sums to its weight w_j = n·ν_j.
 
-use crate::linalg::cholesky_solve;
+use crate::linalg::solve_psd;
 
 /// A solved plan, scaled by n: `p[i * m + j] = n · Γ_ij`.
 #[derive(Debug, Clone, PartialEq)]
@@ -330,7 +330,7 @@ pub fn sorted_newton(
         let mut direction: Vec<f64> = residual.iter().map(|r| -r).collect();
         let mut jac = column_jacobian(&p, m);
         let mut accepted = false;
-        if cholesky_solve(&mut jac, &mut direction, free) {
+        if solve_psd(&mut jac, &mut direction, free) {
             let value = semi_dual(&f, &g, weights);
             // The semi-dual's directional derivative along the step: −rᵀ·J⁻¹·(−r) > 0.
             let ascent: f64 = residual.iter().zip(&direction).map(|(r, d)| -r * d).sum();
