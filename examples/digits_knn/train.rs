@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Context};
 use rand::seq::{index, SliceRandom};
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
-use soft_topk::reference::{backward_row, forward_row};
+use soft_topk::reference::{backward_row, forward_row, RowCotangent};
 use soft_topk::{BackendKind, Batch, Cotangent, Forward, GpuSoftTopK, SoftTopK};
 
 /// Pixels per image (8 × 8).
@@ -323,7 +323,20 @@ impl SoftMask for ReferenceMask {
             .zip(grad_mask.chunks(*n));
         Ok(rows
             .enumerate()
-            .flat_map(|(r, ((x, a), g))| backward_row(&self.op, r, x, None, a, &[], Some(g), None))
+            .flat_map(|(r, ((x, a), g))| {
+                backward_row(
+                    &self.op,
+                    r,
+                    x,
+                    None,
+                    a,
+                    &[],
+                    RowCotangent {
+                        mask: Some(g),
+                        ranks: None,
+                    },
+                )
+            })
             .collect())
     }
 }
