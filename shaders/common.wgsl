@@ -50,12 +50,12 @@ struct RowParams {
     lo_lo: f32,
     hi_hi: f32,
     hi_lo: f32,
-    // Exact top-k: k/n_valid as a hi/lo pair.
-    q_hi: f32,
-    q_lo: f32,
     // Transport: weight (units of 1/n) of each ranked anchor and of the last anchor.
     w_top: f32,
     w_last: f32,
+    // Both 1.0; see `opaque_a`.
+    one_a: f32,
+    one_b: f32,
 }
 
 // Bindings, shared by every pipeline (each entry point uses the ones its header names).
@@ -114,11 +114,25 @@ fn log1p_accurate(x: f32) -> f32 {
     return log(u) * x / (u - 1.0);
 }
 
+// N.B. Shader compilers may treat float arithmetic as reassociable (WGSL cannot mark an
+// expression exact), and Mesa's does: it rewrites (a + b) − a to b, which turns the rounding
+// error that two-sum and Kahan summation recover into 0, and with it the hi/lo threshold
+// into a plain f32 (an error of 0.01 in σ's argument was seen on lavapipe). Multiplying by
+// 1.0 read from the parameters hides the identities from the compiler and changes no value;
+// two different ones keep common-subexpression elimination from merging the two uses.
+fn opaque_a(x: f32) -> f32 {
+    return x * params[0].one_a;
+}
+
+fn opaque_b(x: f32) -> f32 {
+    return x * params[0].one_b;
+}
+
 // The exact sum of a and b as a rounded sum and its rounding error (Knuth's two-sum).
 fn two_sum(a: f32, b: f32) -> vec2<f32> {
     let s = a + b;
-    let bb = s - a;
-    let err = (a - (s - bb)) + (b - bb);
+    let bb = opaque_a(s) - a;
+    let err = (a - (opaque_b(s) - bb)) + (b - bb);
     return vec2<f32>(s, err);
 }
 
@@ -133,18 +147,18 @@ fn pair_diff(a: vec2<f32>, b: vec2<f32>) -> f32 {
     return (a.x - b.x) + (a.y - b.y);
 }
 
-var<workgroup> sum_lanes: array<vec2<f32>, WG>;
-var<workgroup> sum_groups: array<vec2<f32>, SUM_FAN>;
+var<workgroup> sum_lanes: array<vec4<f32>, WG>;
+var<workgroup> sum_groups: array<vec4<f32>, SUM_FAN>;
 
 // Sums v over the workgroup in a two-level tree; the total is returned to thread 0 only
 // (the others get 0). Must be called in workgroup-uniform control flow. Callers publish
 // what thread 0 decides through workgroup memory and a barrier of their own.
-fn wg_sum(t: u32, v: vec2<f32>) -> vec2<f32> {
+fn wg_sum(t: u32, v: vec4<f32>) -> vec4<f32> {
     sum_lanes[t] = v;
     // Every lane's partial is in `sum_lanes` before the group leaders read them.
     workgroupBarrier();
     if (t < SUM_FAN) {
-        var s = vec2<f32>(0.0);
+        var s = vec4<f32>(0.0);
         for (var j = 0u; j < SUM_FAN; j++) {
             s += sum_lanes[t * SUM_FAN + j];
         }
@@ -152,11 +166,18 @@ fn wg_sum(t: u32, v: vec2<f32>) -> vec2<f32> {
     }
     // The group sums are in `sum_groups` before thread 0 adds them.
     workgroupBarrier();
-    var total = vec2<f32>(0.0);
+    var total = vec4<f32>(0.0);
     if (t == 0u) {
         for (var j = 0u; j < SUM_FAN; j++) {
             total += sum_groups[j];
         }
     }
     return total;
+}
+
+// One Kahan-compensated step: (sum, carry) + x, the carry being the rounding still owed.
+fn kahan_add(acc: vec2<f32>, x: f32) -> vec2<f32> {
+    let y = x - acc.y;
+    let s = acc.x + y;
+    return vec2<f32>(s, (opaque_a(s) - acc.x) - y);
 }

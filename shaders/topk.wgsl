@@ -31,20 +31,27 @@ var<workgroup> steps: u32;
 var<workgroup> grad_mean: f32;
 var<workgroup> grad_ok: u32;
 
-// Kahan-compensated running sum of (σ(z) − k/n) and the plain sum of σ'(z) for one thread.
+// One thread's share of Σ A_i and Σ σ'(z_i). Σ A is split as (entries with z ≥ 0) −
+// Σ_{z≥0} σ(−z) + Σ_{z<0} σ(z): the count is exact and the two sums are of small positive
+// terms, so the excess Σ A − k keeps its relative precision even when the row is nearly
+// saturated and every A_i is within an f32 rounding of 0 or 1. That is what pins the
+// threshold, and with it A(1 − A) for the backward, on such rows.
 struct Partial {
-    excess: f32,
-    carry: f32,
+    above: f32,
+    // Kahan (sum, carry) pairs.
+    below: vec2<f32>,
+    tails: vec2<f32>,
     slope: f32,
 }
 
-fn add_term(acc: ptr<function, Partial>, v: f32, th: vec2<f32>, q: vec2<f32>, factor: f32) {
+fn add_term(acc: ptr<function, Partial>, v: f32, th: vec2<f32>, factor: f32) {
     let z = ((v - th.x) - th.y) * factor;
-    let term = (sigmoid(z) - q.x) - q.y;
-    let y = term - (*acc).carry;
-    let s = (*acc).excess + y;
-    (*acc).carry = (s - (*acc).excess) - y;
-    (*acc).excess = s;
+    if (z >= 0.0) {
+        (*acc).above += 1.0;
+        (*acc).tails = kahan_add((*acc).tails, sigmoid(-z));
+    } else {
+        (*acc).below = kahan_add((*acc).below, sigmoid(z));
+    }
     (*acc).slope += sigmoid_slope(z);
 }
 
@@ -58,7 +65,7 @@ fn write_plain(row: u32, p: RowParams, t: u32) {
 }
 
 // topk_forward: the soft mask A_i = σ((v_i − tau)·factor) with Σ A_i = k.
-//   params:     [rows] RowParams (mode, n, n_valid, k, sign, factor, bracket, q = k/n_valid)
+//   params:     [rows] RowParams (mode, n, k, sign, factor, bracket)
 //   valid_bits: [rows, ceil(n/32)]
 //   in_a:       scores [rows, n] row-major (raw, any direction)
 //   out_a:      mask [rows, n]
@@ -102,9 +109,6 @@ fn topk_forward(
         state = STATE_RUN;
         steps = 0u;
     }
-    let q = vec2<f32>(p.q_hi, p.q_lo);
-    // The rounding noise of the excess: each term is rounded once, the sum is compensated.
-    let noise = 4.0 * sqrt(f32(p.n_valid)) * ROUNDOFF;
 
     loop {
         // Thread 0's state and threshold of the previous step are written before anyone
@@ -114,25 +118,29 @@ fn topk_forward(
         }
         let th = tau;
 
-        var acc = Partial(0.0, 0.0, 0.0);
+        var acc = Partial(0.0, vec2<f32>(0.0), vec2<f32>(0.0), 0.0);
         if (cached) {
             for (var j = 0u; j < PER_THREAD; j++) {
                 if ((held & (1u << j)) != 0u) {
-                    add_term(&acc, xs[j], th, q, p.factor);
+                    add_term(&acc, xs[j], th, p.factor);
                 }
             }
         } else {
             for (var i = t; i < p.n; i += WG) {
                 if (is_valid(row, p.n, i)) {
-                    add_term(&acc, p.sign * in_a[base + i], th, q, p.factor);
+                    add_term(&acc, p.sign * in_a[base + i], th, p.factor);
                 }
             }
         }
-        let total = wg_sum(t, vec2<f32>(acc.excess - acc.carry, acc.slope));
+        let below = acc.below.x - acc.below.y;
+        let tails = acc.tails.x - acc.tails.y;
+        let total = wg_sum(t, vec4<f32>(acc.above, below, tails, acc.slope));
 
         if (t == 0u) {
-            let excess = total.x;
-            let slope = total.y;
+            // (count − k) is exact; the two small sums carry a few roundings each.
+            let excess = (total.x - f32(p.k)) + (total.y - total.z);
+            let noise = 8.0 * ROUNDOFF * (total.y + total.z);
+            let slope = total.w;
             steps += 1u;
             if (abs(excess) <= max(noise, STEP_FLOOR * slope)) {
                 state = STATE_DONE;
@@ -199,12 +207,12 @@ fn topk_backward(
         return;
     }
 
-    var acc = vec2<f32>(0.0);
+    var acc = vec4<f32>(0.0);
     for (var i = t; i < p.n; i += WG) {
         if (is_valid(row, p.n, i)) {
             let a = in_a[base + i];
             let slope = a * (1.0 - a);
-            acc += vec2<f32>(slope, slope * in_b[base + i]);
+            acc += vec4<f32>(slope, slope * in_b[base + i], 0.0, 0.0);
         }
     }
     let total = wg_sum(t, acc);

@@ -14,6 +14,7 @@ pub mod kernels;
 mod rows;
 
 use std::ops::Range;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 
 use context::{BufferUse, Context, Pooled};
@@ -22,7 +23,7 @@ use kernels::Kernels;
 pub use rows::GPU_AUTO_TOLERANCE;
 use rows::{Pass, Prepared, RowParams, MODE_SOLVE};
 
-use crate::error::{Error, Result};
+use crate::error::{Error, GpuErrorKind, Result};
 use crate::op::{Solver, Variant};
 use crate::output::RowReport;
 use crate::{check_backward_args, Backend, Batch, Cotangent, Forward, SoftTopK};
@@ -64,9 +65,22 @@ impl GpuBackend {
     /// Opens the adapter and builds the pipelines.
     pub async fn new_async() -> Result<Self> {
         let ctx = Context::open().await?;
+        // naga reports some shader bugs by panicking; a broken pipeline build is an error of
+        // this backend, not a reason to take the caller's thread down.
         let kernels = {
             let device = &ctx.device;
-            ctx.scoped(|| Kernels::build(device))?
+            let build = || std::panic::catch_unwind(AssertUnwindSafe(|| Kernels::build(device)));
+            ctx.scoped(build)?.map_err(|panic| Error::Gpu {
+                kind: GpuErrorKind::Internal,
+                message: format!(
+                    "building the pipelines panicked: {}",
+                    panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)")
+                ),
+            })?
         };
         Ok(GpuBackend {
             ctx,

@@ -32,7 +32,7 @@ pub const GPU_AUTO_TOLERANCE: f64 = 1e-5;
 /// One row's parameters. Mirrors `RowParams` in shaders/common.wgsl field for field (all
 /// 4-byte scalars, so the WGSL array stride is the Rust size).
 #[repr(C)]
-#[derive(Debug, Clone, Copy, Default, Pod, Zeroable)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
 pub(crate) struct RowParams {
     pub mode: u32,
     pub n: u32,
@@ -51,10 +51,21 @@ pub(crate) struct RowParams {
     pub lo_lo: f32,
     pub hi_hi: f32,
     pub hi_lo: f32,
-    pub q_hi: f32,
-    pub q_lo: f32,
     pub w_top: f32,
     pub w_last: f32,
+    /// 1.0, read at run time to keep compensated sums from being simplified away.
+    pub one_a: f32,
+    pub one_b: f32,
+}
+
+impl Default for RowParams {
+    fn default() -> Self {
+        RowParams {
+            one_a: 1.0,
+            one_b: 1.0,
+            ..Zeroable::zeroed()
+        }
+    }
 }
 
 /// x as an f32 pair hi + lo carrying about 48 bits.
@@ -197,7 +208,6 @@ fn row_params(op: &SoftTopK, spec: &RowSpec, n: usize, k_max: usize, pass: Pass)
             let logit = (k as f64 / (n_valid - k) as f64).ln();
             (p.lo_hi, p.lo_lo) = split(v_min - temperature * logit);
             (p.hi_hi, p.hi_lo) = split(v_max - temperature * logit);
-            (p.q_hi, p.q_lo) = split(k as f64 / n_valid as f64);
         }
     }
     p
