@@ -133,9 +133,17 @@ impl GpuBackend {
     }
 
     /// How many rows of length `n` one dispatch takes, for the given variant and rank slots.
+    /// `Err(TooLarge)` when a single row does not fit one binding.
     pub fn max_rows_per_part(&self, n: usize, variant: Variant, k_max: usize) -> Result<usize> {
-        let parts = self.split(1 << 40, n, variant, k_max)?;
-        Ok(parts.first().map_or(0, |p| p.len()))
+        // The largest per-row binding: the ranks (k_max × n) for sorted, else one row.
+        let slots = if variant == Variant::Sorted {
+            k_max.max(1)
+        } else {
+            1
+        };
+        let row_bytes = (n as u64) * 4 * slots as u64;
+        let groups = self.ctx.limits.max_compute_workgroups_per_dimension;
+        rows::rows_per_part(n, row_bytes, self.binding_limit(), groups)
     }
 
     fn split(
@@ -145,10 +153,8 @@ impl GpuBackend {
         variant: Variant,
         k_max: usize,
     ) -> Result<Vec<Range<usize>>> {
-        let slots = if variant == Variant::Sorted { k_max.max(1) } else { 1 };
-        let row_bytes = (n as u64) * 4 * slots as u64;
-        let groups = self.ctx.limits.max_compute_workgroups_per_dimension;
-        rows::parts(rows, n, row_bytes, self.binding_limit(), groups)
+        let per_part = self.max_rows_per_part(n, variant, k_max)?;
+        Ok(rows::parts(rows, per_part))
     }
 
     /// One dispatch: uploads `inputs` (params, valid bits, in_a, in_b), runs `pipeline` with

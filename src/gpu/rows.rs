@@ -213,25 +213,29 @@ fn row_params(op: &SoftTopK, spec: &RowSpec, n: usize, k_max: usize, pass: Pass)
     p
 }
 
-/// Rows `start..end` of a batch that one dispatch takes.
-pub(crate) fn parts(
-    rows: usize,
+/// How many rows one dispatch takes: as many as fit one binding of `binding_limit` bytes
+/// (`row_bytes` each), at most one workgroup per row along one dispatch dimension.
+pub(crate) fn rows_per_part(
     n: usize,
     row_bytes: u64,
     binding_limit: u64,
     max_workgroups: u32,
-) -> Result<Vec<Range<usize>>> {
+) -> Result<usize> {
     if row_bytes > binding_limit {
         return Err(Error::TooLarge(format!(
             "one row of n = {n} needs a {row_bytes}-byte binding; the device allows \
              {binding_limit} bytes per binding"
         )));
     }
-    let per_part = ((binding_limit / row_bytes.max(1)) as usize)
+    Ok(((binding_limit / row_bytes.max(1)) as usize)
         .min(max_workgroups as usize)
-        .max(1);
-    Ok((0..rows)
-        .step_by(per_part)
+        .max(1))
+}
+
+/// The batch's rows cut into consecutive parts of `per_part` rows.
+pub(crate) fn parts(rows: usize, per_part: usize) -> Vec<Range<usize>> {
+    (0..rows)
+        .step_by(per_part.max(1))
         .map(|start| start..(start + per_part).min(rows))
-        .collect())
+        .collect()
 }
