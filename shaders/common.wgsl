@@ -102,7 +102,8 @@ fn expm1_accurate(x: f32) -> f32 {
     if (em1 == -1.0) {
         return -1.0;
     }
-    return em1 * x / log(e);
+    // `opaque_a` keeps log(exp(x)) from being folded to x (see below).
+    return em1 * x / log(opaque_a(e));
 }
 
 // log(1 + x), accurate for small |x| (WGSL has no log1p), by the same trick.
@@ -111,7 +112,8 @@ fn log1p_accurate(x: f32) -> f32 {
     if (u == 1.0) {
         return x;
     }
-    return log(u) * x / (u - 1.0);
+    // `opaque_a` keeps (1 + x) − 1 from being folded to x (see below).
+    return log(u) * x / (opaque_a(u) - 1.0);
 }
 
 // N.B. Shader compilers may treat float arithmetic as reassociable (WGSL cannot mark an

@@ -32,10 +32,19 @@ fn compare(op: &SoftTopK, batch: &Batch, what: &str, seed: u64) {
     let gpu = gpu_support::gpu().expect("checked by the caller");
     let got = gpu.forward(op, batch).unwrap();
     let want = reference_forward(op, batch);
-    assert_abs(&format!("{what} mask"), &got.mask, &want.mask, MASK_TOLERANCE);
+    assert_abs(
+        &format!("{what} mask"),
+        &got.mask,
+        &want.mask,
+        MASK_TOLERANCE,
+    );
     for (r, (g, w)) in got.reports.iter().zip(&want.reports).enumerate() {
         assert_eq!(g.error, w.error, "{what} row {r}: error");
-        assert_eq!((g.k, g.n_valid), (w.k, w.n_valid), "{what} row {r}: k, n_valid");
+        assert_eq!(
+            (g.k, g.n_valid),
+            (w.k, w.n_valid),
+            "{what} row {r}: k, n_valid"
+        );
         assert!(g.converged || g.error.is_some(), "{what} row {r}: {g:?}");
     }
 
@@ -114,7 +123,12 @@ fn topk_exact_long_rows() {
             .unwrap()
             .with_valid(&valid)
             .unwrap();
-        compare(&op, &batch, &format!("n={n} eps={epsilon} {direction:?} {scale:?}"), 900);
+        compare(
+            &op,
+            &batch,
+            &format!("n={n} eps={epsilon} {direction:?} {scale:?}"),
+            900,
+        );
     }
 }
 
@@ -124,14 +138,23 @@ fn a_bad_row_leaves_the_others_alone() {
     let (rows, n) = (5, 300);
     let mut scores = uniform(&mut rng(7), rows * n);
     let clean = gpu
-        .forward(&SoftTopK::new(30, 0.01), &Batch::new(&scores, rows, n).unwrap())
+        .forward(
+            &SoftTopK::new(30, 0.01),
+            &Batch::new(&scores, rows, n).unwrap(),
+        )
         .unwrap();
     scores[2 * n + 17] = f32::NAN;
     let batch = Batch::new(&scores, rows, n).unwrap();
     let out = gpu.forward(&SoftTopK::new(30, 0.01), &batch).unwrap();
-    let error = out.reports[2].error.as_ref().expect("row 2 reports its NaN");
+    let error = out.reports[2]
+        .error
+        .as_ref()
+        .expect("row 2 reports its NaN");
     assert_eq!(error.kind(), "non_finite_input");
-    assert!(out.mask_row(2).iter().all(|&a| a == 0.0), "the bad row's mask is 0");
+    assert!(
+        out.mask_row(2).iter().all(|&a| a == 0.0),
+        "the bad row's mask is 0"
+    );
     for r in [0, 1, 3, 4] {
         assert_eq!(out.mask_row(r), clean.mask_row(r), "row {r} changed");
     }
@@ -160,5 +183,8 @@ fn ties_and_saturation() {
     let grad = gpu
         .backward(&op, &batch, &out, Cotangent::Mask(&[1.0, -2.0, 3.0, 0.5]))
         .unwrap();
-    assert!(grad.iter().all(|&d| d == 0.0), "saturated gradient {grad:?}");
+    assert!(
+        grad.iter().all(|&d| d == 0.0),
+        "saturated gradient {grad:?}"
+    );
 }

@@ -50,14 +50,18 @@ fn every_public_case_on_the_gpu() {
         let (grad, values, expected): (Vec<f32>, Vec<f32>, Vec<f64>) = match op.variant {
             Variant::TopK => {
                 let v: Vec<f32> = case.cotangent_mask().iter().map(|&v| v as f32).collect();
-                let g = gpu.backward(&op, &batch, &out, Cotangent::Mask(&v)).unwrap();
+                let g = gpu
+                    .backward(&op, &batch, &out, Cotangent::Mask(&v))
+                    .unwrap();
                 (g, out.mask.clone(), case.expected_mask())
             }
             Variant::Sorted => {
                 let k = out.k_max;
                 let v = case.cotangent_ranks();
                 let flat: Vec<f32> = v.iter().flatten().map(|&v| v as f32).collect();
-                let g = gpu.backward(&op, &batch, &out, Cotangent::Ranks(&flat)).unwrap();
+                let g = gpu
+                    .backward(&op, &batch, &out, Cotangent::Ranks(&flat))
+                    .unwrap();
                 let ranks = out.ranks.clone().unwrap();
                 let want: Vec<f64> = case.expected_ranks().into_iter().flatten().collect();
                 assert_eq!(ranks.len(), k * x.len());

@@ -18,9 +18,18 @@ fn workgroup_size_matches_the_wgsl_constant() {
     let value: u32 = line
         .split('=')
         .nth(1)
-        .and_then(|v| v.trim().trim_end_matches(';').trim_end_matches('u').parse().ok())
+        .and_then(|v| {
+            v.trim()
+                .trim_end_matches(';')
+                .trim_end_matches('u')
+                .parse()
+                .ok()
+        })
         .expect("WG is a u32 literal");
-    assert_eq!(value, WORKGROUP_SIZE, "shaders/common.wgsl WG vs gpu::WORKGROUP_SIZE");
+    assert_eq!(
+        value, WORKGROUP_SIZE,
+        "shaders/common.wgsl WG vs gpu::WORKGROUP_SIZE"
+    );
 }
 
 #[test]
@@ -33,11 +42,18 @@ fn official_demo_smallest_scale_max() {
     let out = gpu.forward(&op, &batch).unwrap();
     let expected = [0.158869, 0.841131, 0.635424, 0.364576, 0.941463, 0.058537];
     for (i, (&a, e)) in out.mask.iter().zip(expected).enumerate() {
-        assert!((a as f64 - e).abs() < PUBLISHED_TOLERANCE, "A[{i}] = {a}, expected {e}");
+        assert!(
+            (a as f64 - e).abs() < PUBLISHED_TOLERANCE,
+            "A[{i}] = {a}, expected {e}"
+        );
     }
     let v = [0.0f32, 1.0, 1.0, 1.0, 0.0, 0.0];
-    let grad = gpu.backward(&op, &batch, &out, Cotangent::Mask(&v)).unwrap();
-    let expected = [0.105416, -0.043062, -0.074652, -0.074652, 0.043475, 0.043475];
+    let grad = gpu
+        .backward(&op, &batch, &out, Cotangent::Mask(&v))
+        .unwrap();
+    let expected = [
+        0.105416, -0.043062, -0.074652, -0.074652, 0.043475, 0.043475,
+    ];
     for (i, (&g, e)) in grad.iter().zip(expected).enumerate() {
         assert!((g as f64 - e).abs() < 1e-5, "grad[{i}] = {g}, expected {e}");
     }

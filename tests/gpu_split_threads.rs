@@ -35,7 +35,12 @@ fn a_batch_over_the_binding_limit_runs_split() {
     for r in [0, per_part.min(rows) - 1, per_part.min(rows - 1), rows - 1] {
         let one = Batch::single(batch.row(r)).unwrap();
         let want = reference_forward(&op, &one);
-        assert_abs(&format!("row {r}"), out.mask_row(r), &want.mask, MASK_TOLERANCE);
+        assert_abs(
+            &format!("row {r}"),
+            out.mask_row(r),
+            &want.mask,
+            MASK_TOLERANCE,
+        );
         assert!(out.reports[r].converged, "row {r}: {:?}", out.reports[r]);
     }
 }
@@ -43,7 +48,10 @@ fn a_batch_over_the_binding_limit_runs_split() {
 #[test]
 fn a_single_row_over_the_binding_limit_is_too_large() {
     let gpu = gpu_or_skip!();
-    let limit = gpu.limits().max_storage_binding.min(gpu.limits().max_buffer);
+    let limit = gpu
+        .limits()
+        .max_storage_binding
+        .min(gpu.limits().max_buffer);
     let n = (limit / 4) as usize + 1;
     let err = gpu.max_rows_per_part(n, Variant::TopK, 0).unwrap_err();
     assert_eq!(err.kind(), "too_large", "{err}");
@@ -53,7 +61,9 @@ fn a_single_row_over_the_binding_limit_is_too_large() {
 #[test]
 fn a_lowered_part_limit_splits_small_batches_the_same() {
     let Some(_) = gpu_support::gpu() else { return };
-    let small = GpuBackend::new().unwrap().with_part_limit(Some(4 * 300 * 2));
+    let small = GpuBackend::new()
+        .unwrap()
+        .with_part_limit(Some(4 * 300 * 2));
     let (rows, n) = (7, 300);
     let scores = uniform(&mut rng(41), rows * n);
     let batch = Batch::new(&scores, rows, n).unwrap();

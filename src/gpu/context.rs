@@ -170,7 +170,10 @@ impl Context {
             }
             None => {
                 self.check_alive()?;
-                return Err(gpu_error(GpuErrorKind::Internal, "read-back never completed"));
+                return Err(gpu_error(
+                    GpuErrorKind::Internal,
+                    "read-back never completed",
+                ));
             }
         }
         let bytes = {
@@ -241,7 +244,13 @@ struct BufferPool {
 const SHELF_DEPTH: usize = 4;
 
 impl BufferPool {
-    fn take(&self, device: &wgpu::Device, limits: &wgpu::Limits, use_: BufferUse, size: u64) -> Pooled {
+    fn take(
+        &self,
+        device: &wgpu::Device,
+        limits: &wgpu::Limits,
+        use_: BufferUse,
+        size: u64,
+    ) -> Pooled {
         // A size class rounded past the device's largest buffer falls back to the exact size.
         let mut class = size.max(256).next_power_of_two();
         if class > limits.max_buffer_size {

@@ -14,6 +14,11 @@ pub const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
 /// Top-k: the exact threshold solve and its closed-form backward.
 pub const TOPK_WGSL: &str = include_str!("../../shaders/topk.wgsl");
 
+/// Transport: Sinkhorn (top-k and sorted) and dual Newton (sorted). N.B. Experimental: built
+/// only when the environment sets `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` (see
+/// `GpuBackend::transport_forward`).
+pub const TRANSPORT_WGSL: &str = include_str!("../../shaders/transport.wgsl");
+
 /// Number of storage bindings in the shared layout (params, valid bits, two inputs, two
 /// outputs, report): within the WebGPU default of 8 per stage.
 const BINDINGS: u32 = 7;
@@ -25,6 +30,8 @@ pub(crate) struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     pub topk_forward: wgpu::ComputePipeline,
     pub topk_backward: wgpu::ComputePipeline,
+    /// Built only when `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` is set (see `TRANSPORT_WGSL`).
+    pub transport_forward: Option<wgpu::ComputePipeline>,
 }
 
 /// A family's full source: the shared helpers first, then the family's file.
@@ -70,7 +77,12 @@ impl Kernels {
                 cache: None,
             })
         };
+        let transport = std::env::var_os("SOFT_TOPK_EXPERIMENTAL_TRANSPORT").map(|_| {
+            let module = module(device, "soft-topk transport.wgsl", TRANSPORT_WGSL);
+            pipeline(&module, "transport_forward")
+        });
         Kernels {
+            transport_forward: transport,
             topk_forward: pipeline(&topk, "topk_forward"),
             topk_backward: pipeline(&topk, "topk_backward"),
             layout,

@@ -8,6 +8,10 @@
 //!
 //! One workgroup solves one row. A batch whose buffers exceed the device's storage-binding
 //! size, buffer size or dispatch limits is split by rows into parts run one after another.
+//!
+//! N.B. What runs here: the exact top-k forward and its backward. The sorted variant and
+//! top-k Sinkhorn are answered by the CPU backend through the same calls (said once in the
+//! log); their WGSL kernel (`shaders/transport.wgsl`) is written but not yet wired in.
 
 mod context;
 pub mod kernels;
@@ -15,16 +19,17 @@ mod rows;
 
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Once, OnceLock};
 
 use context::{BufferUse, Context, Pooled};
-pub use kernels::{SORTED_K_MAX, WORKGROUP_SIZE};
 use kernels::Kernels;
+pub use kernels::{SORTED_K_MAX, WORKGROUP_SIZE};
 pub use rows::GPU_AUTO_TOLERANCE;
 use rows::{Pass, Prepared, RowParams, MODE_SOLVE};
 
+use crate::cpu::CpuBackend;
 use crate::error::{Error, GpuErrorKind, Result};
-use crate::op::{Solver, Variant};
+use crate::op::{Solver, Variant, K};
 use crate::output::RowReport;
 use crate::{check_backward_args, Backend, Batch, Cotangent, Forward, SoftTopK};
 
@@ -195,7 +200,7 @@ impl GpuBackend {
                     ctx.queue.write_buffer(&pooled.buffer, 0, data);
                 }
             }
-fn binding(i: u32, buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindGroupEntry<'_> {
+            fn binding(i: u32, buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindGroupEntry<'_> {
                 wgpu::BindGroupEntry {
                     binding: i,
                     resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
@@ -288,9 +293,82 @@ fn binding(i: u32, buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindGroupEntry<'_
         Ok(fwd)
     }
 
-    fn topk_backward(&self, op: &SoftTopK, batch: &Batch, forward: &Forward, g: &[f32]) -> Result<Vec<f32>> {
+    /// Sinkhorn (top-k or sorted) or dual Newton (sorted) through `transport_forward`.
+    ///
+    /// N.B. Experimental, used only when `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` is set: on
+    /// lavapipe the kernel's outer loop ends early after a dozen sweeps on some rows (its
+    /// results match the reference sweep for sweep until then); until that is found the
+    /// sorted variant runs on the CPU backend.
+    fn transport_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
         let (rows, n) = (batch.rows(), batch.n());
-        let prepared = rows::prepare(op, batch, 0, Pass::Backward { ranks_cotangent: false });
+        let sorted = op.variant == Variant::Sorted;
+        let k_max = if sorted { op.k_max(rows) } else { 0 };
+        if k_max > SORTED_K_MAX {
+            return Err(Error::InvalidOption(format!(
+                "the GPU's sorted variant takes k up to {SORTED_K_MAX} (its k×k systems live \
+                 in workgroup memory); k = {k_max} needs the CPU backend"
+            )));
+        }
+        let pipeline =
+            self.kernels.transport_forward.as_ref().ok_or_else(|| {
+                Error::InvalidOption("the GPU transport kernel is not built".into())
+            })?;
+        let prepared = rows::prepare(op, batch, k_max, Pass::Forward);
+        let mut fwd = Forward::zeros(rows, n, k_max, sorted);
+        for part in self.split(rows, n, op.variant, k_max)? {
+            let count = part.len();
+            let scores = &batch.scores()[part.start * n..part.end * n];
+            let [mask, ranks, report] = self.dispatch(
+                pipeline,
+                count,
+                [
+                    bytemuck::cast_slice(&prepared.params[part.clone()]),
+                    bytemuck::cast_slice(part_bits(&prepared, &part)),
+                    bytemuck::cast_slice(scores),
+                    &[],
+                ],
+                [
+                    (count * n * 4) as u64,
+                    (count * k_max * n * 4) as u64,
+                    (count * 16) as u64,
+                ],
+            )?;
+            fwd.mask[part.start * n..part.end * n].copy_from_slice(bytemuck::cast_slice(&mask));
+            if let Some(all) = fwd.ranks.as_mut() {
+                let span = part.start * k_max * n..part.end * k_max * n;
+                all[span].copy_from_slice(bytemuck::cast_slice(&ranks));
+            }
+            let report: &[u32] = bytemuck::cast_slice(&report);
+            for (i, r) in part.clone().enumerate() {
+                let mut rep = prepared.reports[r].clone();
+                if prepared.params[r].mode == MODE_SOLVE {
+                    let got = &report[i * 4..i * 4 + 4];
+                    rep.iterations = got[0];
+                    rep.converged = got[1] == 1;
+                    rep.marginal_error = f32::from_bits(got[2]) as f64;
+                }
+                fwd.reports.push(rep);
+            }
+        }
+        Ok(fwd)
+    }
+
+    fn topk_backward(
+        &self,
+        op: &SoftTopK,
+        batch: &Batch,
+        forward: &Forward,
+        g: &[f32],
+    ) -> Result<Vec<f32>> {
+        let (rows, n) = (batch.rows(), batch.n());
+        let prepared = rows::prepare(
+            op,
+            batch,
+            0,
+            Pass::Backward {
+                ranks_cotangent: false,
+            },
+        );
         let mut grad = vec![0.0f32; rows * n];
         for part in self.split(rows, n, Variant::TopK, 0)? {
             let count = part.len();
@@ -312,6 +390,109 @@ fn binding(i: u32, buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindGroupEntry<'_
     }
 }
 
+static FALLBACK_NOTICE: Once = Once::new();
+
+/// Says once per process that the sorted variant and top-k Sinkhorn run on the CPU.
+fn cpu_fallback_notice() {
+    FALLBACK_NOTICE.call_once(|| {
+        log::warn!(
+            "soft-topk: the sorted variant and top-k Sinkhorn run on the CPU backend; the GPU \
+             runs the exact top-k (forward and backward)"
+        )
+    });
+}
+
+/// The op of row `r` alone: per-row k becomes that row's k.
+fn row_op(op: &SoftTopK, r: usize) -> SoftTopK {
+    SoftTopK {
+        k: K::All(op.k_of(r)),
+        ..op.clone()
+    }
+}
+
+/// The CPU backend's forward. With one k per row it goes row by row (each with its own k):
+/// the CPU backend of this branch forwards to the reference, whose `forward_row` refuses a
+/// per-row k list inside a multi-row batch.
+fn cpu_forward(op: &SoftTopK, batch: &Batch) -> Result<Forward> {
+    let cpu = CpuBackend::new();
+    if !matches!(op.k, K::PerRow(_)) {
+        return cpu.forward(op, batch);
+    }
+    let (rows, n) = (batch.rows(), batch.n());
+    let sorted = op.variant == Variant::Sorted;
+    let k_max = if sorted { op.k_max(rows) } else { 0 };
+    let mut fwd = Forward::zeros(rows, n, k_max, sorted);
+    for r in 0..rows {
+        let one = match batch.valid_row(r) {
+            Some(v) => Batch::single(batch.row(r))?.with_valid(v)?,
+            None => Batch::single(batch.row(r))?,
+        };
+        let mut out = cpu.forward(&row_op(op, r), &one)?;
+        fwd.mask[r * n..(r + 1) * n].copy_from_slice(&out.mask);
+        if let (Some(all), Some(ranks)) = (fwd.ranks.as_mut(), out.ranks.as_ref()) {
+            let start = r * k_max * n;
+            all[start..start + ranks.len()].copy_from_slice(ranks);
+        }
+        let mut report = out.reports.remove(0);
+        if let Some(e) = report.error.as_mut() {
+            renumber(e, r);
+        }
+        fwd.reports.push(report);
+    }
+    Ok(fwd)
+}
+
+/// A single-row error renamed to row `r` of the batch.
+fn renumber(e: &mut Error, r: usize) {
+    match e {
+        Error::NonFiniteInput { row, .. } | Error::KOutOfRange { row, .. } => *row = r,
+        _ => {}
+    }
+}
+
+/// The CPU backend's backward, row by row with one k per row (see [`cpu_forward`]).
+fn cpu_backward(
+    op: &SoftTopK,
+    batch: &Batch,
+    forward: &Forward,
+    cotangent: Cotangent,
+) -> Result<Vec<f32>> {
+    let cpu = CpuBackend::new();
+    if !matches!(op.k, K::PerRow(_)) {
+        return cpu.backward(op, batch, forward, cotangent);
+    }
+    let (rows, n, k_max) = (batch.rows(), batch.n(), forward.k_max);
+    let mut grad = vec![0.0f32; rows * n];
+    for r in 0..rows {
+        let one = match batch.valid_row(r) {
+            Some(v) => Batch::single(batch.row(r))?.with_valid(v)?,
+            None => Batch::single(batch.row(r))?,
+        };
+        let slots = r * k_max * n..(r + 1) * k_max * n;
+        let fwd = Forward {
+            rows: 1,
+            n,
+            k_max,
+            mask: forward.mask_row(r).to_vec(),
+            ranks: forward.ranks.as_ref().map(|p| p[slots.clone()].to_vec()),
+            reports: vec![forward.reports[r].clone()],
+        };
+        let g = match cotangent {
+            Cotangent::Mask(g) => cpu.backward(
+                &row_op(op, r),
+                &one,
+                &fwd,
+                Cotangent::Mask(&g[r * n..(r + 1) * n]),
+            )?,
+            Cotangent::Ranks(g) => {
+                cpu.backward(&row_op(op, r), &one, &fwd, Cotangent::Ranks(&g[slots]))?
+            }
+        };
+        grad[r * n..(r + 1) * n].copy_from_slice(&g);
+    }
+    Ok(grad)
+}
+
 /// The validity bits of a part's rows.
 fn part_bits<'a>(prepared: &'a Prepared, part: &Range<usize>) -> &'a [u32] {
     &prepared.bits[part.start * prepared.words..part.end * prepared.words]
@@ -327,9 +508,11 @@ impl Backend for GpuBackend {
         self.ctx.check_alive()?;
         match (op.variant, op.solver) {
             (Variant::TopK, Solver::Auto | Solver::Exact) => self.topk_exact_forward(op, batch),
-            _ => Err(Error::InvalidOption(
-                "this solver is not on the GPU yet".into(),
-            )),
+            _ if self.kernels.transport_forward.is_some() => self.transport_forward(op, batch),
+            _ => {
+                cpu_fallback_notice();
+                cpu_forward(op, batch)
+            }
         }
     }
 
@@ -344,9 +527,10 @@ impl Backend for GpuBackend {
         self.ctx.check_alive()?;
         match (op.variant, cotangent) {
             (Variant::TopK, Cotangent::Mask(g)) => self.topk_backward(op, batch, forward, g),
-            _ => Err(Error::InvalidOption(
-                "this backward is not on the GPU yet".into(),
-            )),
+            _ => {
+                cpu_fallback_notice();
+                cpu_backward(op, batch, forward, cotangent)
+            }
         }
     }
 }

@@ -14,6 +14,9 @@ use soft_topk::{Batch, Cotangent, Forward, SoftTopK, Variant, K};
 pub fn gpu() -> Option<Arc<GpuBackend>> {
     match GpuBackend::shared() {
         Ok(backend) => Some(backend),
+        Err(why) if why.kind() != "no_adapter" => {
+            panic!("the GPU backend failed to build (a bug, not a missing adapter): {why}")
+        }
         Err(why) => {
             if std::env::var("CI").is_ok_and(|v| v == "true") {
                 panic!("CI=true and no GPU adapter: {why}");
