@@ -1,32 +1,544 @@
-//! The GPU backend (placeholder until the WGSL kernels land).
+//! The GPU backend: WGSL compute kernels through wgpu (Vulkan, Metal, DX12, GL).
+//!
+//! - [`context`]: adapter choice (honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`,
+//!   `WGPU_POWER_PREF`), error scopes around every submission, device loss, the buffer pool.
+//! - [`kernels`]: the WGSL sources (`shaders/`), the bind group layout and the pipelines,
+//!   built once per backend.
+//! - [`rows`]: per-row checks and parameters, validity bits, the split into parts.
+//!
+//! One workgroup solves one row. A batch whose buffers exceed the device's storage-binding
+//! size, buffer size or dispatch limits is split by rows into parts run one after another.
+//!
+//! N.B. What runs here: the exact top-k forward and its backward. The sorted variant and
+//! top-k Sinkhorn are answered by the CPU backend through the same calls (said once in the
+//! log); their WGSL kernel (`shaders/transport.wgsl`) is written but not yet wired in.
 
-use std::sync::Arc;
+mod context;
+pub mod kernels;
+mod rows;
 
-use crate::error::{Error, Result};
-use crate::{Backend, Batch, Cotangent, Forward, SoftTopK};
+use std::ops::Range;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Once, OnceLock};
+
+use context::{BufferUse, Context, Pooled};
+use kernels::Kernels;
+pub use kernels::{SORTED_K_MAX, WORKGROUP_SIZE};
+pub use rows::GPU_AUTO_TOLERANCE;
+use rows::{Pass, Prepared, RowParams, MODE_SOLVE};
+
+use crate::cpu::CpuBackend;
+use crate::error::{Error, GpuErrorKind, Result};
+use crate::op::{Solver, Variant, K};
+use crate::output::RowReport;
+use crate::{check_backward_args, Backend, Batch, Cotangent, Forward, SoftTopK};
 
 /// The operator on a GPU adapter through wgpu.
+///
+/// Pipelines are built once; buffers are pooled and reused between calls. The backend is
+/// `Send + Sync`: threads may share one value (each call owns its buffers, and wgpu's error
+/// scopes are per thread). After a device loss every call returns
+/// [`crate::GpuErrorKind::DeviceLost`] and [`GpuBackend::needs_rebuild`] says so.
 pub struct GpuBackend {
-    _private: (),
+    ctx: Context,
+    kernels: Kernels,
+    /// Test hook: a smaller per-binding byte limit, to split batches on any device.
+    part_limit: Option<u64>,
 }
 
+/// The limits that decide how a batch is split.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GpuLimits {
+    /// Largest storage binding in bytes (128 MiB on lavapipe).
+    pub max_storage_binding: u64,
+    /// Largest buffer in bytes.
+    pub max_buffer: u64,
+    /// Largest dispatch along x: at most this many rows per part.
+    pub max_workgroups_per_dimension: u32,
+    /// Workgroup memory in bytes.
+    pub max_workgroup_storage: u32,
+}
+
+static SHARED: OnceLock<std::result::Result<Arc<GpuBackend>, Error>> = OnceLock::new();
+
 impl GpuBackend {
-    /// The process-wide GPU backend, created on first use.
-    pub fn shared() -> Result<Arc<GpuBackend>> {
-        Err(Error::NoAdapter("the GPU backend is not built yet".into()))
+    /// Opens the adapter the environment asks for, or the default one (blocking).
+    pub fn new() -> Result<Self> {
+        pollster::block_on(Self::new_async())
     }
+
+    /// Opens the adapter and builds the pipelines.
+    pub async fn new_async() -> Result<Self> {
+        let ctx = Context::open().await?;
+        // naga reports some shader bugs by panicking; a broken pipeline build is an error of
+        // this backend, not a reason to take the caller's thread down.
+        let kernels = {
+            let device = &ctx.device;
+            let build = || std::panic::catch_unwind(AssertUnwindSafe(|| Kernels::build(device)));
+            ctx.scoped(build)?.map_err(|panic| Error::Gpu {
+                kind: GpuErrorKind::Internal,
+                message: format!(
+                    "building the pipelines panicked: {}",
+                    panic
+                        .downcast_ref::<String>()
+                        .map(String::as_str)
+                        .or_else(|| panic.downcast_ref::<&str>().copied())
+                        .unwrap_or("(no message)")
+                ),
+            })?
+        };
+        Ok(GpuBackend {
+            ctx,
+            kernels,
+            part_limit: None,
+        })
+    }
+
+    /// The process-wide backend, created on first use. A failure is remembered too, so a
+    /// machine without an adapter does not search again on every call.
+    pub fn shared() -> Result<Arc<GpuBackend>> {
+        SHARED
+            .get_or_init(|| GpuBackend::new().map(Arc::new))
+            .clone()
+    }
+
+    /// The adapter in use.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.ctx.info
+    }
+
+    /// The device limits that decide how batches are split.
+    pub fn limits(&self) -> GpuLimits {
+        let l = &self.ctx.limits;
+        GpuLimits {
+            max_storage_binding: l.max_storage_buffer_binding_size,
+            max_buffer: l.max_buffer_size,
+            max_workgroups_per_dimension: l.max_compute_workgroups_per_dimension,
+            max_workgroup_storage: l.max_compute_workgroup_storage_size,
+        }
+    }
+
+    /// Whether the device is lost: this value then only returns errors; make a new one.
+    pub fn needs_rebuild(&self) -> bool {
+        self.ctx.lost().is_some()
+    }
+
+    /// Lowers the per-binding byte limit used to split batches (for tests of the split on
+    /// devices with large bindings). `None` restores the device's limit.
+    pub fn with_part_limit(mut self, bytes: Option<u64>) -> Self {
+        self.part_limit = bytes;
+        self
+    }
+
+    /// The bytes one binding may hold: the device's storage-binding and buffer limits.
+    fn binding_limit(&self) -> u64 {
+        let l = self.limits();
+        let device = l.max_storage_binding.min(l.max_buffer);
+        self.part_limit.map_or(device, |p| p.min(device))
+    }
+
+    /// How many rows of length `n` one dispatch takes, for the given variant and rank slots.
+    /// `Err(TooLarge)` when a single row does not fit one binding.
+    pub fn max_rows_per_part(&self, n: usize, variant: Variant, k_max: usize) -> Result<usize> {
+        // The largest per-row binding: the ranks (k_max × n) for sorted, else one row.
+        let slots = if variant == Variant::Sorted {
+            k_max.max(1)
+        } else {
+            1
+        };
+        let row_bytes = (n as u64) * 4 * slots as u64;
+        let groups = self.ctx.limits.max_compute_workgroups_per_dimension;
+        rows::rows_per_part(n, row_bytes, self.binding_limit(), groups)
+    }
+
+    fn split(
+        &self,
+        rows: usize,
+        n: usize,
+        variant: Variant,
+        k_max: usize,
+    ) -> Result<Vec<Range<usize>>> {
+        let per_part = self.max_rows_per_part(n, variant, k_max)?;
+        Ok(rows::parts(rows, per_part))
+    }
+
+    /// One dispatch: uploads `inputs` (params, valid bits, in_a, in_b), runs `pipeline` with
+    /// one workgroup per row, and reads back outputs of the given byte sizes (out_a, out_b,
+    /// report). Every buffer comes from and goes back to the pool.
+    fn dispatch(
+        &self,
+        pipeline: &wgpu::ComputePipeline,
+        rows: usize,
+        inputs: [&[u8]; 4],
+        outputs: [u64; 3],
+    ) -> Result<[Vec<u8>; 3]> {
+        let ctx = &self.ctx;
+        let size = |bytes: u64| bytes.max(4);
+        let ins: Vec<Pooled> = inputs
+            .iter()
+            .map(|data| ctx.take(BufferUse::Input, size(data.len() as u64)))
+            .collect();
+        let outs: Vec<Pooled> = outputs
+            .iter()
+            .map(|&bytes| ctx.take(BufferUse::Output, size(bytes)))
+            .collect();
+        // Each output lands in the staging buffer at an 8-byte aligned offset.
+        let offsets: Vec<u64> = outputs
+            .iter()
+            .scan(0u64, |at, &bytes| {
+                let here = *at;
+                *at += size(bytes).next_multiple_of(8);
+                Some(here)
+            })
+            .collect();
+        let staging_size = offsets[2] + size(outputs[2]).next_multiple_of(8);
+        let staging = ctx.take(BufferUse::Staging, staging_size);
+
+        let submitted = ctx.scoped(|| {
+            for (pooled, data) in ins.iter().zip(inputs) {
+                if !data.is_empty() {
+                    ctx.queue.write_buffer(&pooled.buffer, 0, data);
+                }
+            }
+            fn binding(i: u32, buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindGroupEntry<'_> {
+                wgpu::BindGroupEntry {
+                    binding: i,
+                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
+                        buffer,
+                        offset: 0,
+                        size: wgpu::BufferSize::new(bytes.max(4)),
+                    }),
+                }
+            }
+            let mut entries = Vec::with_capacity(7);
+            for (i, (pooled, data)) in ins.iter().zip(inputs).enumerate() {
+                entries.push(binding(i as u32, &pooled.buffer, data.len() as u64));
+            }
+            for (i, (pooled, &bytes)) in outs.iter().zip(&outputs).enumerate() {
+                entries.push(binding(4 + i as u32, &pooled.buffer, bytes));
+            }
+            let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
+                label: Some("soft-topk bind group"),
+                layout: &self.kernels.layout,
+                entries: &entries,
+            });
+
+            let mut encoder = ctx
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("soft-topk encoder"),
+                });
+            {
+                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                    label: Some("soft-topk pass"),
+                    timestamp_writes: None,
+                });
+                pass.set_pipeline(pipeline);
+                pass.set_bind_group(0, &bind_group, &[]);
+                log::trace!("soft-topk: dispatch of {rows} rows");
+                pass.dispatch_workgroups(rows as u32, 1, 1);
+            }
+            for ((pooled, &bytes), &at) in outs.iter().zip(&outputs).zip(&offsets) {
+                if bytes > 0 {
+                    encoder.copy_buffer_to_buffer(&pooled.buffer, 0, &staging.buffer, at, bytes);
+                }
+            }
+            ctx.queue.submit([encoder.finish()]);
+        });
+        let result = submitted.and_then(|()| ctx.read_back(&staging.buffer, staging_size));
+        ctx.give_back(ins.into_iter().chain(outs).chain([staging]));
+        let bytes = result?;
+        let piece = |i: usize| {
+            let at = offsets[i] as usize;
+            bytes[at..at + outputs[i] as usize].to_vec()
+        };
+        Ok([piece(0), piece(1), piece(2)])
+    }
+
+    fn topk_exact_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
+        let (rows, n) = (batch.rows(), batch.n());
+        let prepared = rows::prepare(op, batch, 0, Pass::Forward);
+        let mut fwd = Forward::zeros(rows, n, 0, false);
+        for part in self.split(rows, n, Variant::TopK, 0)? {
+            let count = part.len();
+            let scores = &batch.scores()[part.start * n..part.end * n];
+            let [mask, _, report] = self.dispatch(
+                &self.kernels.topk_forward,
+                count,
+                [
+                    bytemuck::cast_slice(&prepared.params[part.clone()]),
+                    bytemuck::cast_slice(part_bits(&prepared, &part)),
+                    bytemuck::cast_slice(scores),
+                    &[],
+                ],
+                [(count * n * 4) as u64, 0, (count * 16) as u64],
+            )?;
+            let mask: &[f32] = bytemuck::cast_slice(&mask);
+            fwd.mask[part.start * n..part.end * n].copy_from_slice(mask);
+            let report: &[u32] = bytemuck::cast_slice(&report);
+            for (i, r) in part.clone().enumerate() {
+                if prepared.params[r].mode == MODE_SOLVE {
+                    let got = &report[i * 4..i * 4 + 4];
+                    let mut rep = prepared.reports[r].clone();
+                    rep.iterations = got[0];
+                    rep.converged = got[1] == 1;
+                    let sum: f64 = fwd.mask_row(r).iter().map(|&a| a as f64).sum();
+                    rep.marginal_error = (sum - rep.k as f64).abs();
+                    fwd.reports.push(rep);
+                } else {
+                    fwd.reports.push(prepared.reports[r].clone());
+                }
+            }
+        }
+        Ok(fwd)
+    }
+
+    /// Sinkhorn (top-k or sorted) or dual Newton (sorted) through `transport_forward`.
+    ///
+    /// N.B. Experimental, used only when `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` is set: on
+    /// lavapipe the kernel's outer loop ends early after a dozen sweeps on some rows (its
+    /// results match the reference sweep for sweep until then); until that is found the
+    /// sorted variant runs on the CPU backend.
+    fn transport_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
+        let (rows, n) = (batch.rows(), batch.n());
+        let sorted = op.variant == Variant::Sorted;
+        let k_max = if sorted { op.k_max(rows) } else { 0 };
+        if k_max > SORTED_K_MAX {
+            return Err(Error::InvalidOption(format!(
+                "the GPU's sorted variant takes k up to {SORTED_K_MAX} (its k×k systems live \
+                 in workgroup memory); k = {k_max} needs the CPU backend"
+            )));
+        }
+        let pipeline =
+            self.kernels.transport_forward.as_ref().ok_or_else(|| {
+                Error::InvalidOption("the GPU transport kernel is not built".into())
+            })?;
+        let prepared = rows::prepare(op, batch, k_max, Pass::Forward);
+        let mut fwd = Forward::zeros(rows, n, k_max, sorted);
+        for part in self.split(rows, n, op.variant, k_max)? {
+            let count = part.len();
+            let scores = &batch.scores()[part.start * n..part.end * n];
+            let [mask, ranks, report] = self.dispatch(
+                pipeline,
+                count,
+                [
+                    bytemuck::cast_slice(&prepared.params[part.clone()]),
+                    bytemuck::cast_slice(part_bits(&prepared, &part)),
+                    bytemuck::cast_slice(scores),
+                    &[],
+                ],
+                [
+                    (count * n * 4) as u64,
+                    (count * k_max * n * 4) as u64,
+                    (count * 16) as u64,
+                ],
+            )?;
+            fwd.mask[part.start * n..part.end * n].copy_from_slice(bytemuck::cast_slice(&mask));
+            if let Some(all) = fwd.ranks.as_mut() {
+                let span = part.start * k_max * n..part.end * k_max * n;
+                all[span].copy_from_slice(bytemuck::cast_slice(&ranks));
+            }
+            let report: &[u32] = bytemuck::cast_slice(&report);
+            for (i, r) in part.clone().enumerate() {
+                let mut rep = prepared.reports[r].clone();
+                if prepared.params[r].mode == MODE_SOLVE {
+                    let got = &report[i * 4..i * 4 + 4];
+                    rep.iterations = got[0];
+                    rep.converged = got[1] == 1;
+                    rep.marginal_error = f32::from_bits(got[2]) as f64;
+                }
+                fwd.reports.push(rep);
+            }
+        }
+        Ok(fwd)
+    }
+
+    fn topk_backward(
+        &self,
+        op: &SoftTopK,
+        batch: &Batch,
+        forward: &Forward,
+        g: &[f32],
+    ) -> Result<Vec<f32>> {
+        let (rows, n) = (batch.rows(), batch.n());
+        let prepared = rows::prepare(
+            op,
+            batch,
+            0,
+            Pass::Backward {
+                ranks_cotangent: false,
+            },
+        );
+        let mut grad = vec![0.0f32; rows * n];
+        for part in self.split(rows, n, Variant::TopK, 0)? {
+            let count = part.len();
+            let span = part.start * n..part.end * n;
+            let [out, _, _] = self.dispatch(
+                &self.kernels.topk_backward,
+                count,
+                [
+                    bytemuck::cast_slice(&prepared.params[part.clone()]),
+                    bytemuck::cast_slice(part_bits(&prepared, &part)),
+                    bytemuck::cast_slice(&forward.mask[span.clone()]),
+                    bytemuck::cast_slice(&g[span.clone()]),
+                ],
+                [(count * n * 4) as u64, 0, 0],
+            )?;
+            grad[span].copy_from_slice(bytemuck::cast_slice(&out));
+        }
+        Ok(grad)
+    }
+}
+
+static FALLBACK_NOTICE: Once = Once::new();
+
+/// Says once per process that the sorted variant and top-k Sinkhorn run on the CPU.
+fn cpu_fallback_notice() {
+    FALLBACK_NOTICE.call_once(|| {
+        log::warn!(
+            "soft-topk: the sorted variant and top-k Sinkhorn run on the CPU backend; the GPU \
+             runs the exact top-k (forward and backward)"
+        )
+    });
+}
+
+/// The op of row `r` alone: per-row k becomes that row's k.
+fn row_op(op: &SoftTopK, r: usize) -> SoftTopK {
+    SoftTopK {
+        k: K::All(op.k_of(r)),
+        ..op.clone()
+    }
+}
+
+/// The CPU backend's forward. With one k per row it goes row by row (each with its own k):
+/// the CPU backend of this branch forwards to the reference, whose `forward_row` refuses a
+/// per-row k list inside a multi-row batch.
+fn cpu_forward(op: &SoftTopK, batch: &Batch) -> Result<Forward> {
+    let cpu = CpuBackend::new();
+    if !matches!(op.k, K::PerRow(_)) {
+        return cpu.forward(op, batch);
+    }
+    let (rows, n) = (batch.rows(), batch.n());
+    let sorted = op.variant == Variant::Sorted;
+    let k_max = if sorted { op.k_max(rows) } else { 0 };
+    let mut fwd = Forward::zeros(rows, n, k_max, sorted);
+    for r in 0..rows {
+        let one = match batch.valid_row(r) {
+            Some(v) => Batch::single(batch.row(r))?.with_valid(v)?,
+            None => Batch::single(batch.row(r))?,
+        };
+        let mut out = cpu.forward(&row_op(op, r), &one)?;
+        fwd.mask[r * n..(r + 1) * n].copy_from_slice(&out.mask);
+        if let (Some(all), Some(ranks)) = (fwd.ranks.as_mut(), out.ranks.as_ref()) {
+            let start = r * k_max * n;
+            all[start..start + ranks.len()].copy_from_slice(ranks);
+        }
+        let mut report = out.reports.remove(0);
+        if let Some(e) = report.error.as_mut() {
+            renumber(e, r);
+        }
+        fwd.reports.push(report);
+    }
+    Ok(fwd)
+}
+
+/// A single-row error renamed to row `r` of the batch.
+fn renumber(e: &mut Error, r: usize) {
+    match e {
+        Error::NonFiniteInput { row, .. } | Error::KOutOfRange { row, .. } => *row = r,
+        _ => {}
+    }
+}
+
+/// The CPU backend's backward, row by row with one k per row (see [`cpu_forward`]).
+fn cpu_backward(
+    op: &SoftTopK,
+    batch: &Batch,
+    forward: &Forward,
+    cotangent: Cotangent,
+) -> Result<Vec<f32>> {
+    let cpu = CpuBackend::new();
+    if !matches!(op.k, K::PerRow(_)) {
+        return cpu.backward(op, batch, forward, cotangent);
+    }
+    let (rows, n, k_max) = (batch.rows(), batch.n(), forward.k_max);
+    let mut grad = vec![0.0f32; rows * n];
+    for r in 0..rows {
+        let one = match batch.valid_row(r) {
+            Some(v) => Batch::single(batch.row(r))?.with_valid(v)?,
+            None => Batch::single(batch.row(r))?,
+        };
+        let slots = r * k_max * n..(r + 1) * k_max * n;
+        let fwd = Forward {
+            rows: 1,
+            n,
+            k_max,
+            mask: forward.mask_row(r).to_vec(),
+            ranks: forward.ranks.as_ref().map(|p| p[slots.clone()].to_vec()),
+            reports: vec![forward.reports[r].clone()],
+        };
+        let g = match cotangent {
+            Cotangent::Mask(g) => cpu.backward(
+                &row_op(op, r),
+                &one,
+                &fwd,
+                Cotangent::Mask(&g[r * n..(r + 1) * n]),
+            )?,
+            Cotangent::Ranks(g) => {
+                cpu.backward(&row_op(op, r), &one, &fwd, Cotangent::Ranks(&g[slots]))?
+            }
+        };
+        grad[r * n..(r + 1) * n].copy_from_slice(&g);
+    }
+    Ok(grad)
+}
+
+/// The validity bits of a part's rows.
+fn part_bits<'a>(prepared: &'a Prepared, part: &Range<usize>) -> &'a [u32] {
+    &prepared.bits[part.start * prepared.words..part.end * prepared.words]
 }
 
 impl Backend for GpuBackend {
     fn name(&self) -> String {
-        "gpu".into()
+        format!("gpu ({}, {:?})", self.ctx.info.name, self.ctx.info.backend)
     }
 
-    fn forward(&self, _op: &SoftTopK, _batch: &Batch) -> Result<Forward> {
-        Err(Error::NoAdapter("the GPU backend is not built yet".into()))
+    fn forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
+        op.check(batch.rows())?;
+        self.ctx.check_alive()?;
+        match (op.variant, op.solver) {
+            (Variant::TopK, Solver::Auto | Solver::Exact) => self.topk_exact_forward(op, batch),
+            _ if self.kernels.transport_forward.is_some() => self.transport_forward(op, batch),
+            _ => {
+                cpu_fallback_notice();
+                cpu_forward(op, batch)
+            }
+        }
     }
 
-    fn backward(&self, _: &SoftTopK, _: &Batch, _: &Forward, _: Cotangent) -> Result<Vec<f32>> {
-        Err(Error::NoAdapter("the GPU backend is not built yet".into()))
+    fn backward(
+        &self,
+        op: &SoftTopK,
+        batch: &Batch,
+        forward: &Forward,
+        cotangent: Cotangent,
+    ) -> Result<Vec<f32>> {
+        check_backward_args(op, batch, forward, cotangent)?;
+        self.ctx.check_alive()?;
+        match (op.variant, cotangent) {
+            (Variant::TopK, Cotangent::Mask(g)) => self.topk_backward(op, batch, forward, g),
+            _ => {
+                cpu_fallback_notice();
+                cpu_backward(op, batch, forward, cotangent)
+            }
+        }
     }
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn check<T: Send + Sync>() {}
+    check::<GpuBackend>();
+    let _ = RowReport::exact;
+    let _ = std::mem::size_of::<RowParams>();
 }
