@@ -154,7 +154,7 @@ fn row_params(op: &SoftTopK, spec: &RowSpec, n: usize, k_max: usize, pass: Pass)
     };
 
     // Rows whose answer needs no solve (MATH.md §4 and §1).
-    if k == 0 || (spec.is_trivial() && (pass != Pass::Forward || !sorted)) {
+    if k == 0 || (!sorted && spec.is_trivial(op.variant)) {
         p.mode = if k > 0 && pass == Pass::Forward {
             MODE_ONES
         } else {

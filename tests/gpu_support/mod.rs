@@ -6,8 +6,8 @@ use std::sync::Arc;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use soft_topk::gpu::GpuBackend;
-use soft_topk::reference::{backward_row, forward_row};
-use soft_topk::{Batch, Cotangent, Forward, SoftTopK, Variant, K};
+use soft_topk::reference::Reference;
+use soft_topk::{Backend, Batch, Cotangent, Forward, SoftTopK};
 
 /// The shared GPU backend. Without an adapter: under `CI=true` the test fails; otherwise it
 /// prints a loud SKIPPED line to stderr and the caller returns.
@@ -152,71 +152,14 @@ pub fn assert_scaled(what: &str, actual: &[f32], expected: &[f32], tolerance: f6
     );
 }
 
-/// The reference, row by row, with each row's own k as a single k: `Reference::forward`
-/// checks a per-row k list against one row inside `forward_row` and refuses it, so per-row
-/// batches go through here.
+/// The f64 reference's forward (f32 out), for comparisons.
 pub fn reference_forward(op: &SoftTopK, batch: &Batch) -> Forward {
-    let (rows, n) = (batch.rows(), batch.n());
-    let sorted = op.variant == Variant::Sorted;
-    let k_max = if sorted { op.k_max(rows) } else { 0 };
-    let mut fwd = Forward::zeros(rows, n, k_max, sorted);
-    for r in 0..rows {
-        let row_op = SoftTopK {
-            k: K::All(op.k_of(r)),
-            ..op.clone()
-        };
-        let out = forward_row(&row_op, r, batch.row(r), batch.valid_row(r));
-        for (d, s) in fwd.mask[r * n..(r + 1) * n].iter_mut().zip(&out.mask) {
-            *d = *s as f32;
-        }
-        if let Some(ranks) = fwd.ranks.as_mut() {
-            for (j, rank) in out.ranks.iter().enumerate() {
-                let start = (r * k_max + j) * n;
-                for (d, s) in ranks[start..start + n].iter_mut().zip(rank) {
-                    *d = *s as f32;
-                }
-            }
-        }
-        fwd.reports.push(out.report);
-    }
-    fwd
+    Reference.forward(op, batch).expect("reference forward")
 }
 
-/// The reference backward, row by row (see [`reference_forward`]).
+/// The f64 reference's backward (f32 out), for comparisons.
 pub fn reference_backward(op: &SoftTopK, batch: &Batch, fwd: &Forward, cot: Cotangent) -> Vec<f32> {
-    let (rows, n, k_max) = (batch.rows(), batch.n(), fwd.k_max);
-    let widen = |v: &[f32]| v.iter().map(|&x| x as f64).collect::<Vec<f64>>();
-    let mut grad = vec![0.0f32; rows * n];
-    for r in 0..rows {
-        let row_op = SoftTopK {
-            k: K::All(op.k_of(r)),
-            ..op.clone()
-        };
-        let slot = |j: usize| (r * k_max + j) * n..(r * k_max + j + 1) * n;
-        let ranks: Vec<Vec<f64>> = match &fwd.ranks {
-            Some(p) => (0..k_max).map(|j| widen(&p[slot(j)])).collect(),
-            None => Vec::new(),
-        };
-        let (g_mask, g_ranks) = match cot {
-            Cotangent::Mask(g) => (Some(widen(&g[r * n..(r + 1) * n])), None),
-            Cotangent::Ranks(g) => (
-                None,
-                Some((0..k_max).map(|j| widen(&g[slot(j)])).collect::<Vec<_>>()),
-            ),
-        };
-        let g = backward_row(
-            &row_op,
-            r,
-            batch.row(r),
-            batch.valid_row(r),
-            &widen(fwd.mask_row(r)),
-            &ranks,
-            g_mask.as_deref(),
-            g_ranks.as_deref(),
-        );
-        for (d, s) in grad[r * n..(r + 1) * n].iter_mut().zip(g) {
-            *d = s as f32;
-        }
-    }
-    grad
+    Reference
+        .backward(op, batch, fwd, cot)
+        .expect("reference backward")
 }
