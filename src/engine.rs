@@ -11,7 +11,8 @@ use crate::{Backend, Batch, Cotangent, Forward, SoftTopK};
 /// Where a [`GpuSoftTopK`] runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackendKind {
-    /// The GPU when an adapter exists, otherwise the fast CPU backend.
+    /// The GPU when a hardware adapter exists, otherwise the fast CPU backend (a software
+    /// adapter such as lavapipe is slower than the CPU backend, so auto passes it over).
     #[default]
     Auto,
     /// The GPU or an error.
@@ -48,10 +49,12 @@ pub struct GpuSoftTopK {
     backend: Arc<dyn Backend>,
 }
 
-static CPU_FALLBACK_NOTICE: Once = Once::new();
+/// The auto backend's choice is logged once per process.
+static AUTO_NOTICE: Once = Once::new();
 
 impl GpuSoftTopK {
-    /// The operator on the GPU when an adapter exists, else on the CPU (said once in the log).
+    /// The operator on the GPU when a hardware adapter exists, else on the CPU (said once in
+    /// the log).
     pub fn new(op: SoftTopK) -> Result<Self> {
         Self::with_backend(op, BackendKind::Auto)
     }
@@ -64,9 +67,24 @@ impl GpuSoftTopK {
             BackendKind::Cpu => Arc::new(CpuBackend::new()),
             BackendKind::Reference => Arc::new(Reference),
             BackendKind::Auto => match GpuBackend::shared() {
-                Ok(gpu) => gpu,
+                Ok(gpu) if gpu.adapter_info().device_type != wgpu::DeviceType::Cpu => {
+                    AUTO_NOTICE.call_once(|| log::info!("soft-topk: running on {}", gpu.name()));
+                    gpu
+                }
+                // A software adapter (Mesa's lavapipe, WARP) is a GPU emulated on the CPU:
+                // correct, but slower than the CPU backend, so auto does not pick it.
+                Ok(gpu) => {
+                    AUTO_NOTICE.call_once(|| {
+                        log::warn!(
+                            "soft-topk: the only adapter is a software one ({}); running on the \
+                             CPU backend (ask for the gpu backend to use it anyway)",
+                            gpu.name()
+                        )
+                    });
+                    Arc::new(CpuBackend::new())
+                }
                 Err(why) => {
-                    CPU_FALLBACK_NOTICE.call_once(|| {
+                    AUTO_NOTICE.call_once(|| {
                         log::warn!("soft-topk: no usable GPU ({why}); running on the CPU backend")
                     });
                     Arc::new(CpuBackend::new())

@@ -215,6 +215,24 @@ fn public_cases_on_the_cpu_backend() {
     check_cases(&cases, &outputs, f32_tolerance);
 }
 
+#[test]
+fn public_cases_on_the_gpu_backend() {
+    // The tool reports a missing adapter as an error line per case; say so loudly instead,
+    // and fail under CI, where lavapipe must be there.
+    if let Err(why) = soft_topk::gpu::GpuBackend::shared() {
+        assert!(
+            std::env::var("CI").is_err(),
+            "CI=true but no GPU adapter: {why}"
+        );
+        eprintln!("SKIPPED public_cases_on_the_gpu_backend: no GPU adapter ({why})");
+        return;
+    }
+    let cases = load_cases();
+    let lines: Vec<String> = cases.iter().map(canonical_line).collect();
+    let outputs = run_jsonl("gpu", &lines);
+    check_cases(&cases, &outputs, f32_tolerance);
+}
+
 /// A seeded problem for the library comparisons.
 struct Problem {
     op: SoftTopK,
