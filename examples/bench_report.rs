@@ -9,7 +9,8 @@
 //! forward and of forward + backward over warm runs, elements per second (forward + backward),
 //! the largest error of the mask against the f64 reference, the count of non-finite gradient
 //! entries, and on the GPU the forward's GB/s with its ratio to a plain copy kernel timed on
-//! the same adapter (the practical ceiling of a memory-bound operator).
+//! the same adapter (the practical ceiling of a memory-bound operator). GPU times include the
+//! upload of the scores and the readback of the results.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -104,11 +105,95 @@ fn configs(args: &Args, gpu: bool) -> Vec<Config> {
     list
 }
 
+/// The copy kernel: each invocation moves one vec4 from `src` to `dst`.
+const COPY_SHADER: &str = "
+@group(0) @binding(0) var<storage, read> src: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<f32>>;
+
+@compute @workgroup_size(256)
+fn copy(@builtin(global_invocation_id) id: vec3<u32>) {
+    if id.x < arrayLength(&src) {
+        dst[id.x] = src[id.x];
+    }
+}
+";
+
+/// GB/s of a plain buffer-to-buffer copy kernel (bytes read + bytes written, per second) on
+/// the adapter the environment selects: the practical ceiling of a memory-bound operator.
+fn copy_bandwidth(repeats: usize) -> Option<f64> {
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let options = wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::from_env()
+            .unwrap_or(wgpu::PowerPreference::HighPerformance),
+        ..Default::default()
+    };
+    let adapter = pollster::block_on(instance.request_adapter(&options)).ok()?;
+    let (device, queue) =
+        pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor::default())).ok()?;
+
+    // 64 MiB each way: large enough to leave every cache, within every binding limit.
+    let bytes: u64 = 64 << 20;
+    let buffer = |label| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size: bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    };
+    let (src, dst) = (buffer("copy source"), buffer("copy destination"));
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("copy kernel"),
+        source: wgpu::ShaderSource::Wgsl(COPY_SHADER.into()),
+    });
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some("copy pipeline"),
+        layout: None,
+        module: &module,
+        entry_point: Some("copy"),
+        compilation_options: wgpu::PipelineCompilationOptions::default(),
+        cache: None,
+    });
+    let bind_group = device.create_bind_group(&wgpu::BindGroupDescriptor {
+        label: Some("copy bindings"),
+        layout: &pipeline.get_bind_group_layout(0),
+        entries: &[
+            wgpu::BindGroupEntry {
+                binding: 0,
+                resource: src.as_entire_binding(),
+            },
+            wgpu::BindGroupEntry {
+                binding: 1,
+                resource: dst.as_entire_binding(),
+            },
+        ],
+    });
+    let workgroups = (bytes / 16).div_ceil(256) as u32;
+    let seconds = median_seconds(repeats, || {
+        let mut encoder = device.create_command_encoder(&Default::default());
+        {
+            let mut pass = encoder.begin_compute_pass(&Default::default());
+            pass.set_pipeline(&pipeline);
+            pass.set_bind_group(0, &bind_group, &[]);
+            pass.dispatch_workgroups(workgroups, 1, 1);
+        }
+        queue.submit([encoder.finish()]);
+        let _ = device.poll(wgpu::PollType::wait_indefinitely());
+    });
+    Some(2.0 * bytes as f64 / seconds / 1e9)
+}
+
 fn main() {
     let args = Args::parse();
     let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
+    let mut copy_gb_per_s = None;
     match GpuBackend::shared() {
-        Ok(gpu) => backends.push(gpu),
+        Ok(gpu) => {
+            copy_gb_per_s = copy_bandwidth(args.repeats);
+            eprintln!("{}: copy kernel {:?} GB/s", gpu.name(), copy_gb_per_s);
+            backends.push(gpu);
+        }
         Err(e) => eprintln!("no GPU: {e}"),
     }
     let gpu_present = backends.len() > 1;
@@ -141,6 +226,9 @@ fn main() {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
             let reports = &out.reports;
+            // The forward reads each score and writes each mask entry once: 8 bytes an element.
+            let gb_per_s = 8.0 * (rows * n) as f64 / fwd_s / 1e9;
+            let is_gpu = backend.name().starts_with("gpu");
             let line = json!({
                 "backend": backend.name(),
                 "variant": if op.variant == Variant::Sorted { "sorted" } else { "topk" },
@@ -157,6 +245,9 @@ fn main() {
                 "converged_rows": reports.iter().filter(|r| r.converged).count(),
                 "max_iterations": reports.iter().map(|r| r.iterations).max(),
                 "max_marginal_error": reports.iter().map(|r| r.marginal_error).fold(0.0, f64::max),
+                "gb_per_s": is_gpu.then_some(gb_per_s),
+                "copy_gb_per_s": if is_gpu { copy_gb_per_s } else { None },
+                "fraction_of_copy": copy_gb_per_s.filter(|_| is_gpu).map(|c| gb_per_s / c),
             });
             println!("{line}");
         }
