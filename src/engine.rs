@@ -47,6 +47,8 @@ impl std::str::FromStr for BackendKind {
 pub struct GpuSoftTopK {
     op: SoftTopK,
     backend: Arc<dyn Backend>,
+    /// Where a call goes again when the backend fails with a device error (off by default).
+    fallback: Option<Arc<dyn Backend>>,
 }
 
 /// The auto backend's choice is logged once per process.
@@ -97,7 +99,30 @@ impl GpuSoftTopK {
     /// The operator on any backend value.
     pub fn on(op: SoftTopK, backend: Arc<dyn Backend>) -> Result<Self> {
         log::debug!("soft-topk: {:?} on {}", op.variant, backend.name());
-        Ok(GpuSoftTopK { op, backend })
+        Ok(GpuSoftTopK {
+            op,
+            backend,
+            fallback: None,
+        })
+    }
+
+    /// Asks for calls that fail with a device error ([`crate::Error::Gpu`]: validation, out of
+    /// memory, device lost) to be answered by the CPU backend instead, with a warning in the
+    /// log. Input errors are never retried: they would fail the same way.
+    pub fn with_cpu_fallback(mut self) -> Self {
+        self.fallback = Some(Arc::new(CpuBackend::new()));
+        self
+    }
+
+    /// `call` on the backend, and on the fallback when the backend's device failed.
+    fn with_fallback<T>(&self, call: impl Fn(&dyn Backend) -> Result<T>) -> Result<T> {
+        match (call(self.backend.as_ref()), &self.fallback) {
+            (Err(e @ crate::Error::Gpu { .. }), Some(fallback)) => {
+                log::warn!("soft-topk: {e}; answering on {} instead", fallback.name());
+                call(fallback.as_ref())
+            }
+            (result, _) => result,
+        }
     }
 
     /// The operator this value computes.
@@ -112,7 +137,7 @@ impl GpuSoftTopK {
 
     /// The forward pass: mask (and ranks) with a report per row.
     pub fn run(&self, batch: &Batch) -> Result<Forward> {
-        self.backend.forward(&self.op, batch)
+        self.with_fallback(|backend| backend.forward(&self.op, batch))
     }
 
     /// The backward pass: the gradient of the scores from the upstream gradient.
@@ -122,6 +147,6 @@ impl GpuSoftTopK {
         forward: &Forward,
         cotangent: Cotangent,
     ) -> Result<Vec<f32>> {
-        self.backend.backward(&self.op, batch, forward, cotangent)
+        self.with_fallback(|backend| backend.backward(&self.op, batch, forward, cotangent))
     }
 }
