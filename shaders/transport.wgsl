@@ -3,10 +3,10 @@
 // Newton on the anchor potentials with a line search (the reference's `sorted_newton`).
 // One workgroup per row; dispatched by src/gpu/mod.rs as (rows in the part, 1, 1).
 //
-// N.B. Experimental: built only when SOFT_TOPK_EXPERIMENTAL_TRANSPORT is set. On lavapipe its
-// outer loop ends after about a dozen iterations on some rows although no stopping rule has
-// fired (sweeps match the f64 reference exactly until then), so the backend sends the sorted
-// variant and top-k Sinkhorn to the CPU until that is understood.
+// Newton starts from the potentials of the hard sorted assignment (the reference's
+// `hard_assignment_potentials`), solves its k×k systems with a small relative damping (the
+// reference's `solve_psd`), and accepts a step when the semi-dual rises or the marginal error
+// shrinks, as the reference does.
 //
 // Potentials. The rows of the plan are made exact in closed form for any anchor potentials
 // g, so only g is iterated, with the gauge g_{m−1} = 0. It is stored as the increments
@@ -30,9 +30,11 @@ const SOLVER_NEWTON: u32 = 1u;
 // Mirrors `GPU_AUTO_TOLERANCE` in src/gpu/rows.rs: what "converged" means for the paper's
 // fixed sweep count (tolerance 0).
 const AUTO_TOLERANCE: f32 = 1e-5;
-// Cholesky pivots below this fraction of the largest diagonal entry are refused: in f32 such
-// a pivot has lost most of its digits to cancellation.
-const RELATIVE_PIVOT: f32 = 1e-6;
+// Relative damping added to the Jacobian's diagonal before the Cholesky solve (the
+// reference's `solve_psd` adds 1e-10 in f64): a nearly decoupled block of anchors keeps a
+// bounded step instead of stopping Newton. In f32 the entries themselves carry relative
+// rounding of a few 1e-7, so damping at 1e-6 changes no well-determined direction.
+const RELATIVE_DAMPING: f32 = 1e-6;
 // Halvings of a Newton step before falling back to a Sinkhorn update.
 const LINE_SEARCH_STEPS: u32 = 30u;
 // Newton stops when the marginal error has not improved for this many steps: the f32 floor.
@@ -68,6 +70,16 @@ var<workgroup> error: f32;
 var<workgroup> best_error: f32;
 var<workgroup> best_step: u32;
 var<workgroup> use_newton: u32;
+var<workgroup> use_sinkhorn: u32;
+var<workgroup> trial_change: f32;
+// The potentials' increments before the step being tried.
+var<workgroup> h_old: array<f32, M_MAX>;
+// Warm start: the m largest valid scaled scores in decreasing order, ties repeated.
+var<workgroup> top_u: array<f32, M_MAX>;
+var<workgroup> top_filled: u32;
+var<workgroup> top_below: f32;
+var<workgroup> lane_max: array<f32, WG>;
+var<workgroup> lane_count: array<u32, WG>;
 
 // A score's log-plan row and its largest anchor.
 struct LogRow {
@@ -249,9 +261,9 @@ fn marginal_error(p: RowParams) -> f32 {
     return worst;
 }
 
-// Thread 0: the Newton direction dg solving J dg = −r over the free anchors, by Cholesky in
-// place on the packed `jac`; false when a pivot is not clearly positive (a saturated or
-// ill-conditioned row), as src/linalg.rs refuses it. Also sets `ascent` = −rᵀdg.
+// Thread 0: the Newton direction dg solving (J + λI) dg = −r over the free anchors, λ =
+// RELATIVE_DAMPING × the largest diagonal entry, by Cholesky in place on the packed `jac`;
+// false when J is zero or the damped factorisation still fails. Also sets `ascent` = −rᵀdg.
 fn newton_direction(p: RowParams) -> bool {
     let free = p.anchors - 1u;
     var scale = 0.0;
@@ -262,11 +274,14 @@ fn newton_direction(p: RowParams) -> bool {
         return false;
     }
     for (var j = 0u; j < free; j++) {
+        jac[packed(j, j)] += RELATIVE_DAMPING * scale;
+    }
+    for (var j = 0u; j < free; j++) {
         var d = jac[packed(j, j)];
         for (var q = 0u; q < j; q++) {
             d -= jac[packed(j, q)] * jac[packed(j, q)];
         }
-        if (!(d > RELATIVE_PIVOT * scale)) {
+        if (!(d > 0.0)) {
             return false;
         }
         d = sqrt(d);
@@ -315,7 +330,11 @@ fn sinkhorn_update(p: RowParams) {
     var next = 0.0;
     for (var jj = 0u; jj + 1u < m; jj++) {
         let j = m - 2u - jj;
-        let shift = log(weight(p, j)) - log_col[j] - last;
+        var shift = log(weight(p, j)) - log_col[j] - last;
+        // A column whose mass underflowed to 0 would get an infinite potential: leave it.
+        if (!(abs(shift) < HUGE)) {
+            shift = next;
+        }
         h[j] += shift - next;
         next = shift;
     }
@@ -358,30 +377,114 @@ fn decide(p: RowParams, newton: bool) {
         if (err <= p.tolerance || steps >= p.max_iterations || stalled) {
             state = STATE_DONE;
         }
-    } else if (steps >= p.max_iterations || (p.tolerance > 0.0 && err <= p.tolerance)) {
+    } else if (p.anchors < 2u || steps >= p.max_iterations
+        || (p.tolerance > 0.0 && err <= p.tolerance)) {
         state = STATE_DONE;
     }
     if (state == STATE_RUN) {
         steps += 1u;
         use_newton = select(0u, 1u, newton && newton_direction(p));
+        use_sinkhorn = 1u - use_newton;
+        for (var j = 0u; j < M_MAX; j++) {
+            h_old[j] = h[j];
+        }
         step_length = 1.0;
         tries = 0u;
         search = SEARCH_TRYING;
     }
 }
 
-// Thread 0: accept a trial step (Armijo on the semi-dual) or halve it.
-fn judge_trial(p: RowParams, step: f32, change: f32) {
-    if (change >= -(1.0 - 1e-4) * step * ascent) {
-        for (var j = 0u; j + 1u < p.anchors; j++) {
-            h[j] += step * (dg[j] - dg[j + 1u]);
-        }
+// Thread 0, after evaluating a trial step: accept it when the semi-dual rises (Armijo) or,
+// near the solution where the rise is below the objective's rounding, when the marginal
+// error shrinks; else restore the potentials and halve the step.
+fn judge_trial(p: RowParams, step: f32) {
+    let err = marginal_error(p);
+    let rises = trial_change >= -(1.0 - 1e-4) * step * ascent;
+    let closer = err <= (1.0 - 1e-4 * step) * error;
+    // A trial whose plan overflowed (a non-finite error) is never taken.
+    if ((rises || closer) && err < HUGE) {
         search = SEARCH_ACCEPTED;
     } else {
+        for (var j = 0u; j < M_MAX; j++) {
+            h[j] = h_old[j];
+        }
         tries += 1u;
         step_length = 0.5 * step;
         if (tries >= LINE_SEARCH_STEPS) {
             search = SEARCH_FAILED;
+        }
+    }
+}
+
+// The potentials of the hard sorted assignment (the reference's `hard_assignment_potentials`):
+// the boundary between anchors j and j + 1 halfway between the (j+1)-th and (j+2)-th largest
+// scores, h_j = −boundary. The m largest scores are found by m rounds of a workgroup maximum
+// over the scores below the last round's, ties counted. Workgroup-uniform.
+fn warm_start(row: u32, p: RowParams, t: u32) {
+    let m = p.anchors;
+    let base = row * p.n;
+    if (t == 0u) {
+        top_filled = 0u;
+        top_below = HUGE;
+    }
+    // The round state is set before anyone reads it.
+    workgroupBarrier();
+    if (p.n_valid < 2u || m < 2u) {
+        return;
+    }
+    loop {
+        let below = top_below;
+        let first = top_filled == 0u;
+        var best = -HUGE;
+        var count = 0u;
+        for (var i = t; i < p.n; i += WG) {
+            if (is_valid(row, p.n, i)) {
+                let u = scaled(p, base, i);
+                if (first || u < below) {
+                    if (u > best) {
+                        best = u;
+                        count = 1u;
+                    } else if (u == best) {
+                        count += 1u;
+                    }
+                }
+            }
+        }
+        lane_max[t] = best;
+        lane_count[t] = count;
+        // Every lane's candidate is in place before thread 0 merges them.
+        workgroupBarrier();
+        if (t == 0u) {
+            var most = -HUGE;
+            for (var l = 0u; l < WG; l++) {
+                if (lane_count[l] > 0u) {
+                    most = max(most, lane_max[l]);
+                }
+            }
+            var ties = 0u;
+            for (var l = 0u; l < WG; l++) {
+                if (lane_count[l] > 0u && lane_max[l] == most) {
+                    ties += lane_count[l];
+                }
+            }
+            if (ties == 0u) {
+                // Fewer distinct scores than anchors cannot happen (m ≤ n_valid); stop anyway.
+                top_filled = m;
+            }
+            for (var c = 0u; c < ties && top_filled < m; c++) {
+                top_u[top_filled] = most;
+                top_filled += 1u;
+            }
+            top_below = most;
+        }
+        if (workgroupUniformLoad(&top_filled) >= m) {
+            break;
+        }
+    }
+    if (t == 0u) {
+        let last = min(m, p.n_valid) - 1u;
+        for (var j = 0u; j + 1u < m; j++) {
+            h[j] = -(0.5 * top_u[j] + 0.5 * top_u[min(j + 1u, last)]);
         }
     }
 }
@@ -425,7 +528,12 @@ fn transport_forward(
         best_error = HUGE;
         best_step = 0u;
     }
-    // The potentials and the control block are set before the first pass reads them.
+    // The potentials and the control block are set before the warm start and first pass.
+    workgroupBarrier();
+    if (newton) {
+        warm_start(row, p, t);
+    }
+    // The starting potentials are written before the first pass reads them.
     workgroupBarrier();
     eval_pass(row, p, t, newton);
     // The first pass's column sums (and Jacobian) are complete before thread 0 reads them.
@@ -439,27 +547,52 @@ fn transport_forward(
         if (workgroupUniformLoad(&state) != STATE_RUN) {
             break;
         }
-        if (workgroupUniformLoad(&use_newton) == 1u) {
+        let newton_step = workgroupUniformLoad(&use_newton) == 1u;
+        if (newton_step) {
             loop {
-                // step_length and dg were written by thread 0 before the uniform loads.
+                // step_length and dg were written by thread 0 before the last uniform load.
                 let step = step_length;
                 let change = trial_pass(row, p, t, step);
                 if (t == 0u) {
-                    judge_trial(p, step, change);
+                    trial_change = change;
+                    for (var j = 0u; j + 1u < m; j++) {
+                        h[j] = h_old[j] + step * (dg[j] - dg[j + 1u]);
+                    }
+                }
+                // The trial potentials are written before the pass reads them.
+                workgroupBarrier();
+                eval_pass(row, p, t, true);
+                // The trial's column sums are complete before thread 0 judges them.
+                workgroupBarrier();
+                if (t == 0u) {
+                    judge_trial(p, step);
+                    if (search == SEARCH_FAILED) {
+                        use_sinkhorn = 1u;
+                    }
                 }
                 if (workgroupUniformLoad(&search) != SEARCH_TRYING) {
                     break;
                 }
             }
         }
-        if (t == 0u && (use_newton == 0u || search == SEARCH_FAILED)) {
-            sinkhorn_update(p);
+        if (workgroupUniformLoad(&use_sinkhorn) == 1u) {
+            if (newton_step) {
+                // The failed search left the column sums of its last trial: measure the
+                // restored potentials again for the Sinkhorn update.
+                eval_pass(row, p, t, false);
+                // The column sums are complete before thread 0 reads them.
+                workgroupBarrier();
+            }
+            if (t == 0u) {
+                sinkhorn_update(p);
+            }
+            // The new potentials are written before the next pass reads them.
+            workgroupBarrier();
+            eval_pass(row, p, t, newton);
+            // The pass's column sums (and Jacobian) are complete before thread 0 reads them.
+            workgroupBarrier();
         }
-        // The new potentials are written before the next pass reads them.
-        workgroupBarrier();
-        eval_pass(row, p, t, newton);
-        // The pass's column sums (and Jacobian) are complete before thread 0 reads them.
-        workgroupBarrier();
+        // After an accepted trial, `log_col` and `jac` already describe the new potentials.
         if (t == 0u) {
             decide(p, newton);
         }

@@ -15,8 +15,8 @@ pub const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
 pub const TOPK_WGSL: &str = include_str!("../../shaders/topk.wgsl");
 
 /// Transport: Sinkhorn (top-k and sorted) and dual Newton (sorted). N.B. Experimental: built
-/// only when the environment sets `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` (see
-/// `GpuBackend::transport_forward`).
+/// only when the environment sets `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` (on lavapipe its loop
+/// still ends early on some n = 1000 rows; see `GpuBackend::transport_forward`).
 pub const TRANSPORT_WGSL: &str = include_str!("../../shaders/transport.wgsl");
 
 /// Number of storage bindings in the shared layout (params, valid bits, two inputs, two

@@ -9,9 +9,12 @@
 //! One workgroup solves one row. A batch whose buffers exceed the device's storage-binding
 //! size, buffer size or dispatch limits is split by rows into parts run one after another.
 //!
-//! N.B. What runs here: the exact top-k forward and its backward. The sorted variant and
-//! top-k Sinkhorn are answered by the CPU backend through the same calls (said once in the
-//! log); their WGSL kernel (`shaders/transport.wgsl`) is written but not yet wired in.
+//! What runs here: the exact top-k forward and backward. With `SOFT_TOPK_EXPERIMENTAL_TRANSPORT`
+//! set, also top-k Sinkhorn and the sorted forward (dual Newton or Sinkhorn) for k up to
+//! [`SORTED_K_MAX`] (N.B. experimental: on lavapipe its loop still ends early on some rows of
+//! n = 1000). Handed to the CPU backend through the same calls (said once in the log):
+//! everything else, including the sorted backward (no kernel yet).
+//! [`GpuBackend::with_cpu_fallback`] turns the hand-off into an error.
 
 mod context;
 pub mod kernels;
@@ -24,8 +27,8 @@ use std::sync::{Arc, Once, OnceLock};
 use context::{BufferUse, Context, Pooled};
 use kernels::Kernels;
 pub use kernels::{SORTED_K_MAX, WORKGROUP_SIZE};
-pub use rows::GPU_AUTO_TOLERANCE;
 use rows::{Pass, Prepared, RowParams, MODE_SOLVE};
+pub use rows::{GPU_AUTO_RANGE_ROUNDINGS, GPU_AUTO_TOLERANCE};
 
 use crate::cpu::CpuBackend;
 use crate::error::{Error, GpuErrorKind, Result};
@@ -44,6 +47,8 @@ pub struct GpuBackend {
     kernels: Kernels,
     /// Test hook: a smaller per-binding byte limit, to split batches on any device.
     part_limit: Option<u64>,
+    /// Whether work the kernels cannot do goes to the CPU backend (else it is an error).
+    cpu_fallback: bool,
 }
 
 /// The limits that decide how a batch is split.
@@ -91,6 +96,7 @@ impl GpuBackend {
             ctx,
             kernels,
             part_limit: None,
+            cpu_fallback: true,
         })
     }
 
@@ -128,6 +134,40 @@ impl GpuBackend {
     pub fn with_part_limit(mut self, bytes: Option<u64>) -> Self {
         self.part_limit = bytes;
         self
+    }
+
+    /// With `false`, a call the GPU kernels cannot answer (see the module notes) fails with
+    /// [`Error::InvalidOption`] instead of running on the CPU backend: proof, for tests and
+    /// for callers who care, that an answer came from the GPU.
+    pub fn with_cpu_fallback(mut self, allowed: bool) -> Self {
+        self.cpu_fallback = allowed;
+        self
+    }
+
+    /// Whether this backend's own kernels answer a forward of `op` over `rows` rows (else it
+    /// is handed to the CPU backend, or refused without the fallback).
+    pub fn runs_forward_on_gpu(&self, op: &SoftTopK, rows: usize) -> bool {
+        let exact =
+            op.variant == Variant::TopK && matches!(op.solver, Solver::Auto | Solver::Exact);
+        let transport = op.variant == Variant::TopK || op.k_max(rows) <= SORTED_K_MAX;
+        exact || (self.kernels.transport_forward.is_some() && transport)
+    }
+
+    /// Whether this backend's own kernels answer a backward of `op` with `cotangent`.
+    pub fn runs_backward_on_gpu(&self, op: &SoftTopK, cotangent: &Cotangent) -> bool {
+        op.variant == Variant::TopK && matches!(cotangent, Cotangent::Mask(_))
+    }
+
+    /// The CPU hand-off, or its refusal when the fallback is off.
+    fn fallback_allowed(&self, what: &str) -> Result<()> {
+        if self.cpu_fallback {
+            cpu_fallback_notice();
+            Ok(())
+        } else {
+            Err(Error::InvalidOption(format!(
+                "the GPU kernels do not run {what}, and the CPU fallback is off"
+            )))
+        }
     }
 
     /// The bytes one binding may hold: the device's storage-binding and buffer limits.
@@ -294,11 +334,6 @@ impl GpuBackend {
     }
 
     /// Sinkhorn (top-k or sorted) or dual Newton (sorted) through `transport_forward`.
-    ///
-    /// N.B. Experimental, used only when `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` is set: on
-    /// lavapipe the kernel's outer loop ends early after a dozen sweeps on some rows (its
-    /// results match the reference sweep for sweep until then); until that is found the
-    /// sorted variant runs on the CPU backend.
     fn transport_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
         let (rows, n) = (batch.rows(), batch.n());
         let sorted = op.variant == Variant::Sorted;
@@ -392,12 +427,13 @@ impl GpuBackend {
 
 static FALLBACK_NOTICE: Once = Once::new();
 
-/// Says once per process that the sorted variant and top-k Sinkhorn run on the CPU.
+/// Says once per process that some calls run on the CPU.
 fn cpu_fallback_notice() {
     FALLBACK_NOTICE.call_once(|| {
         log::warn!(
-            "soft-topk: the sorted variant and top-k Sinkhorn run on the CPU backend; the GPU \
-             runs the exact top-k (forward and backward)"
+            "soft-topk: the sorted variant (its backward always; its forward with k above \
+             {SORTED_K_MAX} or without SOFT_TOPK_EXPERIMENTAL_TRANSPORT) and top-k Sinkhorn \
+             run on the CPU backend; the GPU runs the exact top-k"
         )
     });
 }
@@ -508,9 +544,9 @@ impl Backend for GpuBackend {
         self.ctx.check_alive()?;
         match (op.variant, op.solver) {
             (Variant::TopK, Solver::Auto | Solver::Exact) => self.topk_exact_forward(op, batch),
-            _ if self.kernels.transport_forward.is_some() => self.transport_forward(op, batch),
+            _ if self.runs_forward_on_gpu(op, batch.rows()) => self.transport_forward(op, batch),
             _ => {
-                cpu_fallback_notice();
+                self.fallback_allowed("this solver and variant (see the module notes)")?;
                 cpu_forward(op, batch)
             }
         }
@@ -528,7 +564,7 @@ impl Backend for GpuBackend {
         match (op.variant, cotangent) {
             (Variant::TopK, Cotangent::Mask(g)) => self.topk_backward(op, batch, forward, g),
             _ => {
-                cpu_fallback_notice();
+                self.fallback_allowed("the sorted backward")?;
                 cpu_backward(op, batch, forward, cotangent)
             }
         }

@@ -27,7 +27,15 @@ pub const COTANGENT_RANKS: u32 = 1;
 /// The stopping tolerance of the GPU's default sorted solve (dual Newton), as a marginal error
 /// in units of 1/n. The f64 reference runs to 1e-12; an f32 plan's column sums carry rounding
 /// of a few 1e-7 per unit of weight, so 1e-5 is the tightest target it reaches reliably.
+/// Rows with a wide scaled range get [`GPU_AUTO_RANGE_ROUNDINGS`] more (see there).
 pub const GPU_AUTO_TOLERANCE: f64 = 1e-5;
+
+/// The default sorted solve's tolerance also covers this many f32 roundings (2^-24 relative)
+/// of the row's scaled range |u_max − u_min| = range·2/(s·ε): every logit carries such a
+/// rounding, which moves the plan's column sums by as much and puts a floor under the
+/// marginal error f32 can reach (about 2.4e-5 at a scaled range of 200, i.e. ε = 0.01 on
+/// scores in [−1, 1]).
+pub const GPU_AUTO_RANGE_ROUNDINGS: f64 = 16.0;
 
 /// One row's parameters. Mirrors `RowParams` in shaders/common.wgsl field for field (all
 /// 4-byte scalars, so the WGSL array stride is the Rust size).
@@ -195,7 +203,13 @@ fn row_params(op: &SoftTopK, spec: &RowSpec, n: usize, k_max: usize, pass: Pass)
                     max_iterations,
                 } => (SOLVER_NEWTON, tolerance, max_iterations),
                 Solver::Auto | Solver::Exact => {
-                    (SOLVER_NEWTON, GPU_AUTO_TOLERANCE, DEFAULT_NEWTON_ITERATIONS)
+                    let scaled_range = (v_max - v_min) * 2.0 / (spec.scale * op.epsilon);
+                    let floor = GPU_AUTO_RANGE_ROUNDINGS * scaled_range * f32::EPSILON as f64 / 2.0;
+                    (
+                        SOLVER_NEWTON,
+                        GPU_AUTO_TOLERANCE.max(floor),
+                        DEFAULT_NEWTON_ITERATIONS,
+                    )
                 }
             };
             p.solver = solver;
