@@ -109,7 +109,7 @@ impl GpuSoftTopK {
     /// Asks for calls that fail with a device error ([`crate::Error::Gpu`]: validation, out of
     /// memory, device lost) to be answered by the CPU backend instead, with a warning in the
     /// log. Input errors are never retried: they would fail the same way.
-    pub fn with_cpu_fallback(mut self) -> Self {
+    pub fn fall_back_on_device_error(mut self) -> Self {
         self.fallback = Some(Arc::new(CpuBackend::new()));
         self
     }
