@@ -322,7 +322,7 @@ impl Backend for Reference {
         op.check(batch.rows())?;
         let (rows, n) = (batch.rows(), batch.n());
         let sorted = op.variant == Variant::Sorted;
-        let k_max = if sorted { op.k_max(rows) } else { 0 };
+        let k_max = if sorted { op.rank_slots(rows, n) } else { 0 };
         let mut fwd = Forward::zeros(rows, n, k_max, sorted);
         let mut no_ranks = Vec::new();
         for r in 0..rows {
