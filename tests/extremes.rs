@@ -73,7 +73,7 @@ fn families() -> Vec<(&'static str, Vec<f32>)> {
     ]
 }
 
-const EPSILONS: [f64; 7] = [1e-30, 1e-10, 1e-2, 1.0, 1e10, 1e30, 3e-39];
+const EPSILONS: [f64; 9] = [1e-30, 1e-10, 1e-2, 1.0, 1e10, 1e30, 3e-39, 1e-300, 5e-324];
 
 /// Every backend of this build: the reference, the CPU and, when an adapter exists, the GPU.
 fn backends() -> Vec<Arc<dyn Backend>> {
@@ -445,5 +445,51 @@ fn regression_cpu_threshold_below_f64_resolution() {
         let (err, at, _) = worst_abs(&cpu.mask, &reference.mask);
         assert!(err <= MASK_TOLERANCE, "{label}: mask error {err:e} at {at}");
         check_backend(label, &CpuBackend::new(), &op, &batch, 3);
+    }
+}
+
+/// Regression: with 2/(s·ε) beyond f64 (ε = 5e-324) or u = 2·(x − c)/(s·ε) beyond it (a spread
+/// of 1e300 at ε = 1e-10, reachable through the tool's f64 input), the reference computed
+/// 0·∞ = NaN for tied scores: the sorted plan was NaN and its masks (NaN clamped by min(1))
+/// read 1 on every entry, summing to n instead of k. Found by tests/fuzz_parsers.rs.
+#[test]
+fn regression_reference_temperature_beyond_f64() {
+    let cases: [(&str, Vec<f64>, usize, f64); 4] = [
+        ("ties, eps 5e-324", vec![0.0; 7], 1, 5e-324),
+        ("distinct, eps 5e-324", vec![0.3, -1.0, 2.0, 0.3], 2, 5e-324),
+        (
+            "spread 1e300, eps 1e-10",
+            vec![1e300, -1e300, 0.0, 5.0],
+            2,
+            1e-10,
+        ),
+        (
+            "spread 1.7e308, eps 1",
+            vec![1.7e308, -1.7e308, 0.0],
+            1,
+            1.0,
+        ),
+    ];
+    for (label, scores, k, epsilon) in cases {
+        for variant in [Variant::TopK, Variant::Sorted] {
+            let op = SoftTopK::new(k, epsilon).variant(variant);
+            let out = soft_topk::reference::forward_row(&op, 0, &scores, None);
+            let label = format!("{label} {variant:?}");
+            assert!(out.report.error.is_none(), "{label}: {:?}", out.report);
+            let values = out.mask.iter().chain(out.ranks.iter().flatten());
+            assert!(values.clone().all(|v| v.is_finite()), "{label}: {out:?}");
+            let total: f64 = out.mask.iter().sum();
+            assert!(
+                (total - k as f64).abs() <= SUM_TOLERANCE,
+                "{label}: Σ mask = {total}: {out:?}"
+            );
+            for (j, rank) in out.ranks.iter().enumerate() {
+                let mass: f64 = rank.iter().sum();
+                assert!(
+                    (mass - 1.0).abs() <= SUM_TOLERANCE,
+                    "{label}: rank {j} holds {mass}"
+                );
+            }
+        }
     }
 }
