@@ -141,9 +141,9 @@ fn check_backend(label: &str, backend: &dyn Backend, op: &SoftTopK, batch: &Batc
         }
         let bad = mask.iter().position(|m| !(0.0..=1.0).contains(m));
         assert!(bad.is_none(), "{row_label}: mask {mask:?} leaves [0, 1]");
-        for c in 0..n {
+        for (c, &m) in mask.iter().enumerate() {
             if !batch.is_valid(r, c, op.direction) {
-                assert_eq!(mask[c], 0.0, "{row_label}: excluded column {c} has mass");
+                assert_eq!(m, 0.0, "{row_label}: excluded column {c} has mass");
             }
         }
         let total: f64 = mask.iter().map(|&m| m as f64).sum();
@@ -235,9 +235,9 @@ fn check_backward(
                     "{label}: row {r} gradient {bad:?} not finite: {row:?}"
                 );
             }
-            for c in 0..n {
+            for (c, &d) in row.iter().enumerate() {
                 if !batch.is_valid(r, c, op.direction) {
-                    assert_eq!(row[c], 0.0, "{label}: excluded column {c} has a gradient");
+                    assert_eq!(d, 0.0, "{label}: excluded column {c} has a gradient");
                 }
             }
             let allowed =
@@ -330,13 +330,13 @@ fn extreme_rows_together_equal_rows_alone() {
                 let label = format!("together {variant:?} eps={epsilon:e}");
                 check_backend(&label, backend.as_ref(), &op, &batch, 7);
                 let together = backend.forward(&op, &batch).expect("batch forward");
-                for r in 0..rows {
+                for (r, &k) in ks.iter().enumerate() {
                     let alone_scores = batch.row(r);
                     let alone_valid = batch.valid_row(r).expect("mask");
                     let alone = Batch::single(alone_scores)
                         .and_then(|b| b.with_valid(alone_valid))
                         .expect("one row");
-                    let alone_op = SoftTopK::new(ks[r], epsilon).variant(variant);
+                    let alone_op = SoftTopK::new(k, epsilon).variant(variant);
                     let solo = backend.forward(&alone_op, &alone).expect("row forward");
                     assert_eq!(
                         together.mask_row(r),

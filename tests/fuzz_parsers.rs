@@ -590,7 +590,8 @@ proptest! {
 /// crash it found, once added there) stay fixed.
 #[test]
 fn fuzz_corpus_replays() {
-    let checks: [(&str, fn(&[u8])); 3] = [
+    type Check = fn(&[u8]);
+    let checks: [(&str, Check); 3] = [
         ("jsonl_line", check_jsonl),
         ("npy_reader", check_npy),
         ("batch", check_batch),

@@ -202,8 +202,9 @@ fn an_edited_forward_is_a_shape_error() {
         let name = b.name();
         let f_topk = b.forward(&topk, &batch).expect("forward");
         let f_sorted = b.forward(&sorted, &batch).expect("forward");
-        let edits: Vec<(&str, &SoftTopK, Box<dyn Fn(&mut Forward)>)> = vec![
-            ("short mask", &topk, Box::new(|f| drop(f.mask.pop()))),
+        type Edit = Box<dyn Fn(&mut Forward)>;
+        let edits: Vec<(&str, &SoftTopK, Edit)> = vec![
+            ("short mask", &topk, Box::new(|f| f.mask.truncate(11))),
             ("long mask", &topk, Box::new(|f| f.mask.push(0.5))),
             (
                 "ranks on top-k",
