@@ -113,6 +113,11 @@ def npy_seeds():
           + b"{'descr': [('a', '<f4')], 'fortran_order': False, 'shape': (1,), }\n"[:54])
     write("npy_reader", "header_len_huge", b"\x93NUMPY\x02\x00\xff\xff\xff\x7f{")
     write("npy_reader", "bad_magic", b"\x93NUMPX\x01\x00\x10\x00{}")
+    # Found by cargo fuzz: npyz's header parser backtracks on unclosed brackets (timeout).
+    nested = (b"\x93NUMPY\x01\x00v\x00{'descr': '<i5', " + b"[" * 37
+              + b"'fortran_order': False, 'shape': (3,), }")
+    write("npy_reader", "regression_nested_brackets",
+          nested + b" " * (128 - len(nested) - 1) + b"\n" + bytes([1, 0, 0, 0, 2, 0, 0, 0]))
     write("npy_reader", "two_shapes", npy("<f4", (1,), f32([1]), header_extra="'shape': (5,), "))
 
 

@@ -689,3 +689,41 @@ fn json_line_generator_reaches_the_solvers() {
     );
     assert!(kinds.len() >= 5, "only the error kinds {kinds:?} appeared");
 }
+
+/// Regression: npyz's header parser backtracks on unclosed brackets, its time doubling with
+/// each: a 180-byte file with 37 of them (found by cargo fuzz, npy_reader) never finished, and
+/// 20 took 8 s. Deeply nested headers are now refused before npyz sees them.
+#[test]
+fn regression_npy_nested_brackets_fail_fast() {
+    /// The refusal is one pass over at most 1 MiB of header; a second allows debug mode.
+    const FAST: Duration = Duration::from_secs(1);
+    let patterns = ["[", "(", "{", "[(", "[)", "(]", "{'a': ["];
+    for pattern in patterns {
+        for repeats in [9usize, 20, 37, 200] {
+            let filler = pattern.repeat(repeats);
+            let header =
+                format!("{{'descr': '<f4', {filler} 'fortran_order': False, 'shape': (3,), }}");
+            let mut file = b"\x93NUMPY\x02\x00".to_vec();
+            file.extend((header.len() as u32 + 1).to_le_bytes());
+            file.extend(header.as_bytes());
+            file.push(b'\n');
+            file.extend([0u8; 12]);
+            let start = Instant::now();
+            let result = read_array_from(Cursor::new(&file), file.len() as u64, Path::new("x"));
+            assert!(
+                start.elapsed() < FAST,
+                "{pattern:?} × {repeats}: took {:?} ({:?})",
+                start.elapsed(),
+                result.map(|a| a.shape)
+            );
+        }
+    }
+    let found = include_bytes!("../fuzz/corpus/npy_reader/regression_nested_brackets");
+    let start = Instant::now();
+    let result = read_array_from(Cursor::new(found), found.len() as u64, Path::new("x"));
+    assert!(
+        result.is_err() && start.elapsed() < FAST,
+        "{:?}",
+        start.elapsed()
+    );
+}
