@@ -106,11 +106,28 @@ pub(crate) fn check_backward_args(
         expected,
         actual,
     };
-    if forward.rows != batch.rows() || forward.n != batch.n() {
+    let (rows, n) = (batch.rows(), batch.n());
+    if forward.rows != rows || forward.n != n || forward.mask.len() != rows * n {
         return Err(mismatch(
             "forward output rows × n",
-            batch.rows() * batch.n(),
-            forward.rows * forward.n,
+            rows * n,
+            forward.mask.len(),
+        ));
+    }
+    // The forward must be this op's: its rank slots are what the backward reads, and slots
+    // of another k (or a top-k forward given to a sorted backward) would be read past their
+    // end or silently give the gradient of another problem.
+    let k_max = match op.variant {
+        Variant::TopK => 0,
+        Variant::Sorted => op.rank_slots(rows, n),
+    };
+    let ranks_len = forward.ranks.as_ref().map(Vec::len);
+    let expected_ranks = (op.variant == Variant::Sorted).then_some(rows * k_max * n);
+    if forward.k_max != k_max || ranks_len != expected_ranks {
+        return Err(mismatch(
+            "forward output ranks (rows × k × n; none for top-k)",
+            rows * k_max * n,
+            ranks_len.unwrap_or(0),
         ));
     }
     match cotangent {

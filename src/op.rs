@@ -170,6 +170,13 @@ impl SoftTopK {
         }
     }
 
+    /// The rank slots per row of a sorted output over `rows` rows of `n`: the largest k, but
+    /// never more than n. A row whose k passes n is an input error with no ranks, so a huge k
+    /// must not size the output (k = 2⁴⁰ on a row of 4 tried to allocate 16 TiB).
+    pub fn rank_slots(&self, rows: usize, n: usize) -> usize {
+        self.k_max(rows).min(n)
+    }
+
     /// Checks what can be checked without the scores: ε, the per-row k list against `rows`,
     /// and that the solver fits the variant.
     pub fn check(&self, rows: usize) -> Result<()> {

@@ -51,7 +51,7 @@ impl RowReport {
 pub struct Forward {
     pub rows: usize,
     pub n: usize,
-    /// Rank slots per row of `ranks` (the largest k of the batch; 0 for top-k).
+    /// Rank slots per row of `ranks` (the largest k of the batch, at most n; 0 for top-k).
     pub k_max: usize,
     /// The soft mask, `rows × n`, row-major.
     pub mask: Vec<f32>,

@@ -39,7 +39,7 @@ impl Backend for CpuBackend {
         op.check(batch.rows())?;
         let (rows, n) = (batch.rows(), batch.n());
         let sorted = op.variant == Variant::Sorted;
-        let k_max = if sorted { op.k_max(rows) } else { 0 };
+        let k_max = if sorted { op.rank_slots(rows, n) } else { 0 };
         let mut fwd = Forward::zeros(rows, n, k_max, sorted);
 
         // One rank slot block per row; top-k rows get an empty block (chunks must not be 0).

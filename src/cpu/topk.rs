@@ -88,7 +88,8 @@ struct Threshold {
 
 impl Threshold {
     /// Sets up the bracket and the start; `None` when f32 cannot represent the problem
-    /// (1/T outside the normal f32 range, or the bracket beyond ±1e37).
+    /// (1/T outside the normal f32 range, the bracket beyond ±1e37, or T below what f64 can
+    /// resolve at the bracket).
     fn new(x: &[f32], k: usize, t: f64) -> Option<Self> {
         let n = x.len();
         let inv_t = 1.0 / t;
@@ -96,9 +97,14 @@ impl Threshold {
         let x_min = x.iter().copied().fold(f32::INFINITY, f32::min) as f64;
         let x_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let (lo, hi) = (x_min - t * logit, x_max - t * logit);
+        // θ lives in f64 in score units: a step of STEP_TOLERANCE·T must still move it, or
+        // the search cannot place θ between scores closer than their f64 spacing (equal
+        // scores near 1 at ε = 1e-30 came out as σ(0) = 1/2 each, Σ mask ≠ k).
+        let resolvable = t * STEP_TOLERANCE > lo.abs().max(hi.abs()) * f64::EPSILON;
         let representable = (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(&inv_t)
             && lo.abs() < 1e37
-            && hi.abs() < 1e37;
+            && hi.abs() < 1e37
+            && resolvable;
         if !representable {
             return None;
         }

@@ -217,8 +217,33 @@ fn read_header<R: Read>(reader: &mut R, size: u64) -> Result<(NpyHeader, u64), S
     // npyz multiplies the shape's dimensions without an overflow check; check them first.
     let text = String::from_utf8_lossy(&bytes[prefix_len..]);
     shape_element_count(&text)?;
+    check_nesting(&text)?;
     let header = NpyHeader::from_reader(&bytes[..]).map_err(|e| format!("bad header: {e}"))?;
     Ok((header, header_end))
+}
+
+/// The deepest bracket nesting accepted in a header. numpy writes a dict holding a tuple
+/// (depth 2); structured dtypes, refused later anyway, nest a few levels more.
+const MAX_HEADER_NESTING: usize = 8;
+
+/// Refuses headers nested deeper than [`MAX_HEADER_NESTING`] before npyz parses them: its
+/// header parser backtracks, and its time doubles with each unclosed bracket (20 took 8 s,
+/// 25 four minutes), so a 200-byte file could hang the tool.
+fn check_nesting(text: &str) -> Result<(), String> {
+    let mut depth = 0usize;
+    for c in text.chars() {
+        match c {
+            '(' | '[' | '{' => depth += 1,
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => continue,
+        }
+        if depth > MAX_HEADER_NESTING {
+            return Err(format!(
+                "the header nests brackets deeper than {MAX_HEADER_NESTING} levels"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The element count of the header's `'shape': (…)`, refusing a header with no shape, two

@@ -56,12 +56,29 @@ fn compact<T: Copy + Into<f64>>(op: &SoftTopK, scores: &[T], valid: Option<&[boo
     Compact { cols, x }
 }
 
+/// The largest |u| the solvers are given: u·y and sums of a few such terms stay far inside
+/// the f64 range for any anchor y = k below 1e50.
+const MAX_SCALED: f64 = 1e250;
+
 /// u_i = 2·(x_i − c)/(s·ε), c the mid-range: the scores in units of the temperature.
+///
+/// N.B. When 2/(s·ε) or the largest |u| passes f64's range (ε = 5e-324, or a spread of 1e300
+/// at ε = 1e-10), the row is in the hard limit: u is scaled down to |u| ≤ MAX_SCALED, which
+/// keeps the order and leaves every gap beyond the reach of σ. Without this, 0·∞ made tied
+/// scores NaN and the sorted plan NaN (masks of 1 that summed to n, not k).
 fn scaled_scores(x: &[f64], scale: f64, epsilon: f64) -> Vec<f64> {
     let lo = x.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     let centre = 0.5 * lo + 0.5 * hi;
-    let factor = 2.0 / (scale * epsilon);
+    let half_spread = hi - centre;
+    let mut factor = 2.0 / (scale * epsilon);
+    if !(half_spread * factor <= MAX_SCALED) {
+        factor = if half_spread > 0.0 {
+            MAX_SCALED / half_spread
+        } else {
+            1.0
+        };
+    }
     x.iter().map(|&v| (v - centre) * factor).collect()
 }
 
@@ -322,7 +339,7 @@ impl Backend for Reference {
         op.check(batch.rows())?;
         let (rows, n) = (batch.rows(), batch.n());
         let sorted = op.variant == Variant::Sorted;
-        let k_max = if sorted { op.k_max(rows) } else { 0 };
+        let k_max = if sorted { op.rank_slots(rows, n) } else { 0 };
         let mut fwd = Forward::zeros(rows, n, k_max, sorted);
         let mut no_ranks = Vec::new();
         for r in 0..rows {

@@ -1,0 +1,50 @@
+//! Arbitrary bytes as a `.npy` file: an array whose values fill its shape, or a typed error,
+//! with no allocation beyond what the bytes can hold. A small float array read this way is
+//! also run through the CPU backend, as the tool's npy mode would.
+#![no_main]
+
+use std::io::Cursor;
+use std::path::Path;
+
+use libfuzzer_sys::fuzz_target;
+use soft_topk::cpu::CpuBackend;
+use soft_topk::io::npy::{read_array_from, Values};
+use soft_topk::{Backend, Batch, SoftTopK};
+
+/// Arrays up to this many values are also solved.
+const MAX_SOLVED: usize = 4096;
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(array) = read_array_from(Cursor::new(data), data.len() as u64, Path::new("fuzz.npy"))
+    else {
+        return;
+    };
+    let count: usize = array.shape.iter().product();
+    let len = match &array.values {
+        Values::F32(v) => v.len(),
+        Values::F64(v) => v.len(),
+        Values::Bool(v) => v.len(),
+    };
+    assert_eq!(count, len, "shape {:?} and values disagree", array.shape);
+    // The values came from the file: they cannot outnumber its bytes.
+    assert!(len <= data.len(), "{len} values from {} bytes", data.len());
+
+    let Values::F32(scores) = &array.values else {
+        return;
+    };
+    let n = array.shape.last().copied().unwrap_or(1);
+    if n == 0 || scores.len() > MAX_SOLVED {
+        return;
+    }
+    let rows = scores.len() / n;
+    let batch = Batch::new(scores, rows, n).expect("the shape fits the values");
+    let op = SoftTopK::new(n / 2, 0.1);
+    let fwd = CpuBackend::new().forward(&op, &batch).expect("a valid op");
+    for (r, report) in fwd.reports.iter().enumerate() {
+        let mask = fwd.mask_row(r);
+        assert!(
+            mask.iter().all(|m| (0.0..=1.0).contains(m)),
+            "row {r}: mask leaves [0, 1] ({report:?})"
+        );
+    }
+});
