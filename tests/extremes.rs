@@ -78,9 +78,12 @@ const EPSILONS: [f64; 9] = [1e-30, 1e-10, 1e-2, 1.0, 1e10, 1e30, 3e-39, 1e-300, 
 /// Every backend of this build: the reference, the CPU and, when an adapter exists, the GPU.
 fn backends() -> Vec<Arc<dyn Backend>> {
     let mut list: Vec<Arc<dyn Backend>> = vec![Arc::new(Reference), Arc::new(CpuBackend::new())];
-    // GPU: enabled once GpuBackend lands (the lead makes this fail under CI=true then).
+    // Under CI (CI=true) lavapipe is installed: a missing adapter fails instead of skipping.
     match GpuBackend::shared() {
         Ok(gpu) => list.push(gpu),
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but no GPU adapter: {why}")
+        }
         Err(why) => eprintln!("SKIPPED on GPU: extremes ran on reference and cpu only ({why})"),
     }
     list

@@ -12,9 +12,12 @@ use soft_topk::{Backend, Batch, Cotangent, Error, Forward, SoftTopK};
 /// Every backend of this build: the reference, the CPU and, when an adapter exists, the GPU.
 fn backends() -> Vec<Arc<dyn Backend>> {
     let mut list: Vec<Arc<dyn Backend>> = vec![Arc::new(Reference), Arc::new(CpuBackend::new())];
-    // GPU: enabled once GpuBackend lands (the lead makes this fail under CI=true then).
+    // Under CI (CI=true) lavapipe is installed: a missing adapter fails instead of skipping.
     match GpuBackend::shared() {
         Ok(gpu) => list.push(gpu),
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but no GPU adapter: {why}")
+        }
         Err(why) => eprintln!("SKIPPED on GPU: shape checks ran on reference and cpu ({why})"),
     }
     list

@@ -210,9 +210,12 @@ fn eight_threads_share_the_cpu_backend() {
 
 #[test]
 fn eight_threads_share_the_gpu_backend() {
-    // GPU: enabled once GpuBackend lands (the lead makes this fail under CI=true then).
+    // Under CI (CI=true) lavapipe is installed: a missing adapter fails instead of skipping.
     match GpuBackend::shared() {
         Ok(gpu) => stress(gpu),
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but no GPU adapter: {why}")
+        }
         Err(why) => eprintln!("SKIPPED on GPU: the concurrency stress test did not run ({why})"),
     }
 }

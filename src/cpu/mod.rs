@@ -6,7 +6,7 @@
 //! solves and log-sum-exps over k + 1 anchors, where f64 costs little over f32.
 
 pub mod kernels;
-mod topk;
+pub(crate) mod topk;
 
 use rayon::prelude::*;
 

@@ -75,6 +75,30 @@ fn split(theta: f64) -> (f32, f32) {
     (hi, (theta - hi as f64) as f32)
 }
 
+/// The bracket of the threshold θ for mask_i = σ((x_i − θ)/T) on valid scores in
+/// [x_min, x_max] (largest orientation), 0 < k < n; `None` when the f32 loops cannot carry the
+/// row: 1/T outside the normal f32 range, the bracket beyond ±1e37, or T below what f64 can
+/// resolve at the bracket. Such rows go to the f64 reference, on the CPU and GPU alike.
+pub(crate) fn f32_bracket(
+    x_min: f64,
+    x_max: f64,
+    n: usize,
+    k: usize,
+    t: f64,
+) -> Option<(f64, f64)> {
+    let inv_t = 1.0 / t;
+    let logit = (k as f64 / (n - k) as f64).ln();
+    let (lo, hi) = (x_min - t * logit, x_max - t * logit);
+    // θ lives in f64 in score units: a step of STEP_TOLERANCE·T must still move it, or the
+    // search cannot place θ between scores closer than their f64 spacing (equal scores near 1
+    // at ε = 1e-30 came out as σ(0) = 1/2 each, Σ mask ≠ k).
+    let resolvable = t * STEP_TOLERANCE > lo.abs().max(hi.abs()) * f64::EPSILON;
+    let representable = (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(&inv_t)
+        && lo.abs() < 1e37
+        && hi.abs() < 1e37;
+    (representable && resolvable).then_some((lo, hi))
+}
+
 /// The threshold search for mask_i = σ((x_i − θ)/T) with Σ mask = k, in score units.
 struct Threshold {
     k: f64,
@@ -93,21 +117,9 @@ impl Threshold {
     fn new(x: &[f32], k: usize, t: f64) -> Option<Self> {
         let n = x.len();
         let inv_t = 1.0 / t;
-        let logit = (k as f64 / (n - k) as f64).ln();
         let x_min = x.iter().copied().fold(f32::INFINITY, f32::min) as f64;
         let x_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
-        let (lo, hi) = (x_min - t * logit, x_max - t * logit);
-        // θ lives in f64 in score units: a step of STEP_TOLERANCE·T must still move it, or
-        // the search cannot place θ between scores closer than their f64 spacing (equal
-        // scores near 1 at ε = 1e-30 came out as σ(0) = 1/2 each, Σ mask ≠ k).
-        let resolvable = t * STEP_TOLERANCE > lo.abs().max(hi.abs()) * f64::EPSILON;
-        let representable = (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(&inv_t)
-            && lo.abs() < 1e37
-            && hi.abs() < 1e37
-            && resolvable;
-        if !representable {
-            return None;
-        }
+        let (lo, hi) = f32_bracket(x_min, x_max, n, k, t)?;
 
         // Start between the k-th and (k+1)-th largest score, the hard threshold: on sharp
         // rows it is already the answer, on soft rows Newton takes it from there.

@@ -297,7 +297,8 @@ impl GpuBackend {
 
     fn topk_exact_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
         let (rows, n) = (batch.rows(), batch.n());
-        let prepared = rows::prepare(op, batch, 0, Pass::Forward);
+        let mut prepared = rows::prepare(op, batch, 0, Pass::Forward);
+        let on_host = host_rows(op, &mut prepared);
         let mut fwd = Forward::zeros(rows, n, 0, false);
         for part in self.split(rows, n, Variant::TopK, 0)? {
             let count = part.len();
@@ -330,6 +331,11 @@ impl GpuBackend {
                 }
             }
         }
+        for r in on_host {
+            let out = CpuBackend::new().forward(&row_op(op, r), &row_batch(batch, r)?)?;
+            fwd.mask[r * n..(r + 1) * n].copy_from_slice(&out.mask);
+            fwd.reports[r] = out.reports[0].clone();
+        }
         Ok(fwd)
     }
 
@@ -337,7 +343,7 @@ impl GpuBackend {
     fn transport_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
         let (rows, n) = (batch.rows(), batch.n());
         let sorted = op.variant == Variant::Sorted;
-        let k_max = if sorted { op.k_max(rows) } else { 0 };
+        let k_max = if sorted { op.rank_slots(rows, n) } else { 0 };
         if k_max > SORTED_K_MAX {
             return Err(Error::InvalidOption(format!(
                 "the GPU's sorted variant takes k up to {SORTED_K_MAX} (its k×k systems live \
@@ -404,6 +410,8 @@ impl GpuBackend {
                 ranks_cotangent: false,
             },
         );
+        let mut prepared = prepared;
+        let on_host = host_rows(op, &mut prepared);
         let mut grad = vec![0.0f32; rows * n];
         for part in self.split(rows, n, Variant::TopK, 0)? {
             let count = part.len();
@@ -421,7 +429,47 @@ impl GpuBackend {
             )?;
             grad[span].copy_from_slice(bytemuck::cast_slice(&out));
         }
+        for r in on_host {
+            let span = r * n..(r + 1) * n;
+            let mut one = Forward::zeros(1, n, 0, false);
+            one.mask.copy_from_slice(&forward.mask[span.clone()]);
+            let cot = Cotangent::Mask(&g[span.clone()]);
+            let row_grad =
+                CpuBackend::new().backward(&row_op(op, r), &row_batch(batch, r)?, &one, cot)?;
+            grad[span].copy_from_slice(&row_grad);
+        }
         Ok(grad)
+    }
+}
+
+/// Rows the f32 kernels cannot carry (ε = 1e-30 on scores near 1, say: see
+/// `cpu::topk::f32_bracket`). The GPU sees them as rows of zeros; the CPU backend answers them,
+/// handing them on to the f64 reference as it does its own.
+fn host_rows(op: &SoftTopK, prepared: &mut rows::Prepared) -> Vec<usize> {
+    let mut on_host = Vec::new();
+    for (r, (params, spec)) in prepared.params.iter_mut().zip(&prepared.specs).enumerate() {
+        let Some(spec) = spec else { continue };
+        if params.mode != MODE_SOLVE {
+            continue;
+        }
+        let (x_min, x_max) = match op.direction {
+            crate::Direction::Largest => (spec.x_min, spec.x_max),
+            crate::Direction::Smallest => (-spec.x_max, -spec.x_min),
+        };
+        let t = spec.scale * op.epsilon / 2.0;
+        if crate::cpu::topk::f32_bracket(x_min, x_max, spec.n_valid, spec.k, t).is_none() {
+            params.mode = rows::MODE_ZEROS;
+            on_host.push(r);
+        }
+    }
+    on_host
+}
+
+/// Row `r` of a batch as a batch of its own, with its validity.
+fn row_batch<'a>(batch: &Batch<'a>, r: usize) -> Result<Batch<'a>> {
+    match batch.valid_row(r) {
+        Some(v) => Batch::single(batch.row(r))?.with_valid(v),
+        None => Batch::single(batch.row(r)),
     }
 }
 
@@ -446,89 +494,6 @@ fn row_op(op: &SoftTopK, r: usize) -> SoftTopK {
     }
 }
 
-/// The CPU backend's forward. With one k per row it goes row by row (each with its own k):
-/// the CPU backend of this branch forwards to the reference, whose `forward_row` refuses a
-/// per-row k list inside a multi-row batch.
-fn cpu_forward(op: &SoftTopK, batch: &Batch) -> Result<Forward> {
-    let cpu = CpuBackend::new();
-    if !matches!(op.k, K::PerRow(_)) {
-        return cpu.forward(op, batch);
-    }
-    let (rows, n) = (batch.rows(), batch.n());
-    let sorted = op.variant == Variant::Sorted;
-    let k_max = if sorted { op.k_max(rows) } else { 0 };
-    let mut fwd = Forward::zeros(rows, n, k_max, sorted);
-    for r in 0..rows {
-        let one = match batch.valid_row(r) {
-            Some(v) => Batch::single(batch.row(r))?.with_valid(v)?,
-            None => Batch::single(batch.row(r))?,
-        };
-        let mut out = cpu.forward(&row_op(op, r), &one)?;
-        fwd.mask[r * n..(r + 1) * n].copy_from_slice(&out.mask);
-        if let (Some(all), Some(ranks)) = (fwd.ranks.as_mut(), out.ranks.as_ref()) {
-            let start = r * k_max * n;
-            all[start..start + ranks.len()].copy_from_slice(ranks);
-        }
-        let mut report = out.reports.remove(0);
-        if let Some(e) = report.error.as_mut() {
-            renumber(e, r);
-        }
-        fwd.reports.push(report);
-    }
-    Ok(fwd)
-}
-
-/// A single-row error renamed to row `r` of the batch.
-fn renumber(e: &mut Error, r: usize) {
-    match e {
-        Error::NonFiniteInput { row, .. } | Error::KOutOfRange { row, .. } => *row = r,
-        _ => {}
-    }
-}
-
-/// The CPU backend's backward, row by row with one k per row (see [`cpu_forward`]).
-fn cpu_backward(
-    op: &SoftTopK,
-    batch: &Batch,
-    forward: &Forward,
-    cotangent: Cotangent,
-) -> Result<Vec<f32>> {
-    let cpu = CpuBackend::new();
-    if !matches!(op.k, K::PerRow(_)) {
-        return cpu.backward(op, batch, forward, cotangent);
-    }
-    let (rows, n, k_max) = (batch.rows(), batch.n(), forward.k_max);
-    let mut grad = vec![0.0f32; rows * n];
-    for r in 0..rows {
-        let one = match batch.valid_row(r) {
-            Some(v) => Batch::single(batch.row(r))?.with_valid(v)?,
-            None => Batch::single(batch.row(r))?,
-        };
-        let slots = r * k_max * n..(r + 1) * k_max * n;
-        let fwd = Forward {
-            rows: 1,
-            n,
-            k_max,
-            mask: forward.mask_row(r).to_vec(),
-            ranks: forward.ranks.as_ref().map(|p| p[slots.clone()].to_vec()),
-            reports: vec![forward.reports[r].clone()],
-        };
-        let g = match cotangent {
-            Cotangent::Mask(g) => cpu.backward(
-                &row_op(op, r),
-                &one,
-                &fwd,
-                Cotangent::Mask(&g[r * n..(r + 1) * n]),
-            )?,
-            Cotangent::Ranks(g) => {
-                cpu.backward(&row_op(op, r), &one, &fwd, Cotangent::Ranks(&g[slots]))?
-            }
-        };
-        grad[r * n..(r + 1) * n].copy_from_slice(&g);
-    }
-    Ok(grad)
-}
-
 /// The validity bits of a part's rows.
 fn part_bits<'a>(prepared: &'a Prepared, part: &Range<usize>) -> &'a [u32] {
     &prepared.bits[part.start * prepared.words..part.end * prepared.words]
@@ -547,7 +512,7 @@ impl Backend for GpuBackend {
             _ if self.runs_forward_on_gpu(op, batch.rows()) => self.transport_forward(op, batch),
             _ => {
                 self.fallback_allowed("this solver and variant (see the module notes)")?;
-                cpu_forward(op, batch)
+                CpuBackend::new().forward(op, batch)
             }
         }
     }
@@ -565,7 +530,7 @@ impl Backend for GpuBackend {
             (Variant::TopK, Cotangent::Mask(g)) => self.topk_backward(op, batch, forward, g),
             _ => {
                 self.fallback_allowed("the sorted backward")?;
-                cpu_backward(op, batch, forward, cotangent)
+                CpuBackend::new().backward(op, batch, forward, cotangent)
             }
         }
     }
