@@ -121,8 +121,12 @@ fn copy(@builtin(global_invocation_id) id: vec3<u32>) {
 /// GB/s of a plain buffer-to-buffer copy kernel (bytes read + bytes written, per second) on
 /// the adapter the environment selects: the practical ceiling of a memory-bound operator.
 fn copy_bandwidth(repeats: usize) -> Option<f64> {
-    let instance =
-        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+    if std::env::var_os("WGPU_BACKEND").is_none() {
+        // The same choice as the GPU backend's, so both time the same adapter.
+        descriptor.backends = wgpu::Backends::PRIMARY;
+    }
+    let instance = wgpu::Instance::new(descriptor);
     let options = wgpu::RequestAdapterOptions {
         power_preference: wgpu::PowerPreference::from_env()
             .unwrap_or(wgpu::PowerPreference::HighPerformance),

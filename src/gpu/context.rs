@@ -56,8 +56,13 @@ async fn choose_adapter(instance: &wgpu::Instance) -> Result<wgpu::Adapter> {
 impl Context {
     /// Opens the adapter the environment asks for (or the default one) with all its limits.
     pub async fn open() -> Result<Context> {
-        let instance =
-            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let mut descriptor = wgpu::InstanceDescriptor::new_without_display_handle_from_env();
+        if std::env::var_os("WGPU_BACKEND").is_none() {
+            // Vulkan, Metal and DX12 unless asked otherwise: a GL adapter is slower, and probing
+            // GL without a display prints EGL errors that would alarm a user for nothing.
+            descriptor.backends = wgpu::Backends::PRIMARY;
+        }
+        let instance = wgpu::Instance::new(descriptor);
         let adapter = choose_adapter(&instance).await?;
         let info = adapter.get_info();
         log::debug!("soft-topk: GPU adapter {} ({:?})", info.name, info.backend);
