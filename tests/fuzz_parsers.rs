@@ -571,7 +571,11 @@ proptest! {
             .iter()
             .map(|&d| if big { (d << 24).to_string() } else { (d % 9).to_string() })
             .collect();
-        let shape = if dims.len() == 1 { format!("({},)", dims[0]) } else { format!("({})", dims.join(", ")) };
+        let shape = if dims.len() == 1 {
+            format!("({},)", dims[0])
+        } else {
+            format!("({})", dims.join(", "))
+        };
         check_npy(&npy_file(descr, &shape, &payload));
     }
 

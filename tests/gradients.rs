@@ -66,7 +66,7 @@ fn check_along_random_direction(op: &SoftTopK, n: usize, seed: u64) {
     let scale = analytic.abs().max(numeric.abs()).max(1.0);
     assert!(
         (analytic - numeric).abs() <= FD_RELATIVE_TOLERANCE * scale,
-        "{op:?}, n = {n}, seed {seed}: analytic {analytic:.12e} vs central difference {numeric:.12e}"
+        "{op:?}, n = {n}, seed {seed}: analytic {analytic:.12e} vs central {numeric:.12e}"
     );
 }
 

@@ -98,7 +98,8 @@ proptest! {
     }
 
     #[test]
-    fn padding_changes_nothing((x, k, eps) in row_and_k(), pad in 1usize..10, sorted in any::<bool>()) {
+    fn padding_changes_nothing((x, k, eps) in row_and_k(), pad in 1usize..10,
+                               sorted in any::<bool>()) {
         let variant = if sorted { Variant::Sorted } else { Variant::TopK };
         let op = SoftTopK::new(k, eps).variant(variant);
         let scores: Vec<f32> = x.iter().map(|&v| v as f32).collect();

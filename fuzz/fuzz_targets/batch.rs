@@ -42,21 +42,37 @@ fuzz_target!(|data: &[u8]| {
         1 => f64::from(f32::from_le_bytes(b.take::<4>())).abs(),
         _ => [1e-30, 1e-3, 0.1, 1.0, 1e30][usize::from(b.byte() % 5)],
     };
-    let variant = if flags & 4 != 0 { Variant::Sorted } else { Variant::TopK };
-    let direction = if flags & 8 != 0 { Direction::Smallest } else { Direction::Largest };
-    let scale = if flags & 16 != 0 { Scale::Max } else { Scale::None };
+    let variant = if flags & 4 != 0 {
+        Variant::Sorted
+    } else {
+        Variant::TopK
+    };
+    let direction = if flags & 8 != 0 {
+        Direction::Smallest
+    } else {
+        Direction::Largest
+    };
+    let scale = if flags & 16 != 0 {
+        Scale::Max
+    } else {
+        Scale::None
+    };
     // Lengths off by one on purpose now and then.
     let fudge = |len: usize, bit: u8| if flags & bit != 0 { len + 1 } else { len };
-    let ks: Vec<usize> = (0..fudge(rows, 32)).map(|_| usize::from(b.byte() % 24)).collect();
-    let scores: Vec<f32> = b
-        .0
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .take(MAX_VALUES)
+    let ks: Vec<usize> = (0..fudge(rows, 32))
+        .map(|_| usize::from(b.byte() % 24))
         .collect();
+    let scores: Vec<f32> =
+        b.0.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .take(MAX_VALUES)
+            .collect();
     let valid: Vec<bool> = scores.iter().map(|x| x.to_bits() & 0x10 == 0).collect();
 
-    let mut op = SoftTopK::new(k, epsilon).variant(variant).direction(direction).scale(scale);
+    let mut op = SoftTopK::new(k, epsilon)
+        .variant(variant)
+        .direction(direction)
+        .scale(scale);
     if flags & 64 != 0 {
         op = op.per_row_k(ks);
     }
@@ -82,13 +98,35 @@ fuzz_target!(|data: &[u8]| {
     };
     for r in 0..rows {
         let (mask, want) = (cpu.mask_row(r), reference.mask_row(r));
-        assert_eq!(cpu.reports[r].error.is_some(), reference.reports[r].error.is_some());
-        assert!(mask.iter().all(|m| (0.0..=1.0).contains(m)), "row {r}: {mask:?}");
-        let worst = mask.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-        assert!(worst <= MASK_TOLERANCE, "row {r}: {mask:?} vs reference {want:?}");
+        assert_eq!(
+            cpu.reports[r].error.is_some(),
+            reference.reports[r].error.is_some()
+        );
+        assert!(
+            mask.iter().all(|m| (0.0..=1.0).contains(m)),
+            "row {r}: {mask:?}"
+        );
+        let worst = mask
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            worst <= MASK_TOLERANCE,
+            "row {r}: {mask:?} vs reference {want:?}"
+        );
     }
 
-    let g: Vec<f32> = scores.iter().map(|x| if x.is_finite() { x.clamp(-1.0, 1.0) } else { 0.5 }).collect();
+    let g: Vec<f32> = scores
+        .iter()
+        .map(|x| {
+            if x.is_finite() {
+                x.clamp(-1.0, 1.0)
+            } else {
+                0.5
+            }
+        })
+        .collect();
     let grad = CpuBackend::new().backward(&op, &batch, &cpu, Cotangent::Mask(&g));
     let grad = grad.expect("a fitting backward call");
     assert!(grad.iter().all(|d| !d.is_nan()), "NaN gradient: {grad:?}");
