@@ -5,7 +5,7 @@
 //!
 //! All solvers work on a row's valid entries in "largest" orientation: smallest-k of x is
 //! largest-k of −x with the gradient negated, and the cost scale s is taken on the raw scores
-//! first. Scores are centred (their mid-range subtracted) and the cost is the shift-equivalent
+//! first. Scores are centred at the hard threshold and the cost is the shift-equivalent
 //! C_ij = −2·x_i·y_j / s, so every solver sees u_i = 2·(x_i − c)/(s·ε) and a plan
 //! n·Γ_ij = exp(f_i + g_j + u_i·y_j) with potentials f, g in units of ε.
 
@@ -60,26 +60,34 @@ fn compact<T: Copy + Into<f64>>(op: &SoftTopK, scores: &[T], valid: Option<&[boo
 /// the f64 range for any anchor y = k below 1e50.
 const MAX_SCALED: f64 = 1e250;
 
-/// u_i = 2·(x_i − c)/(s·ε), c the mid-range: the scores in units of the temperature.
+/// u_i = 2·(x_i − c)/(s·ε): the scores in units of the temperature, centred at the hard
+/// threshold c, halfway between the k-th and (k+1)-th largest score.
+///
+/// Centring at the threshold rather than at the mid-range keeps every bit of the scores that
+/// decide the answer: with one score at −1e20 the mid-range is −5e19, and 2, 2.5 and 3 minus it
+/// are the same f64 (their mask came out [1, 1, 1] for k = 2). Scores far from c lose precision
+/// instead, but they sit deep in σ's saturation.
 ///
 /// N.B. When 2/(s·ε) or the largest |u| passes f64's range (ε = 5e-324, or a spread of 1e300
 /// at ε = 1e-10), the row is in the hard limit: u is scaled down to |u| ≤ MAX_SCALED, which
 /// keeps the order and leaves every gap beyond the reach of σ. Without this, 0·∞ made tied
 /// scores NaN and the sorted plan NaN (masks of 1 that summed to n, not k).
-fn scaled_scores(x: &[f64], scale: f64, epsilon: f64) -> Vec<f64> {
-    let lo = x.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = x.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-    let centre = 0.5 * lo + 0.5 * hi;
-    let half_spread = hi - centre;
-    let mut factor = 2.0 / (scale * epsilon);
-    if !(half_spread * factor <= MAX_SCALED) {
-        factor = if half_spread > 0.0 {
-            MAX_SCALED / half_spread
+fn scaled_scores(x: &[f64], k: usize, scale: f64, epsilon: f64) -> Vec<f64> {
+    let mut order = x.to_vec();
+    order.sort_by(|a, b| b.total_cmp(a));
+    let centre = 0.5 * order[k - 1] + 0.5 * order[k.min(order.len() - 1)];
+    // Halves throughout: x − c can pass f64's range (x = ±1e308), x/2 − c/2 cannot.
+    let half = |v: f64| 0.5 * v - 0.5 * centre;
+    let widest = half(order[0]).max(-half(order[order.len() - 1]));
+    let mut factor = 4.0 / (scale * epsilon);
+    if !(widest * factor <= MAX_SCALED) {
+        factor = if widest > 0.0 {
+            MAX_SCALED / widest
         } else {
             1.0
         };
     }
-    x.iter().map(|&v| (v - centre) * factor).collect()
+    x.iter().map(|&v| half(v) * factor).collect()
 }
 
 /// The forward pass on one row (any float type), with its report; input errors land in the
@@ -116,7 +124,7 @@ pub fn forward_row<T: Copy + Into<f64>>(
         return out;
     }
 
-    let u = scaled_scores(&x, spec.scale, op.epsilon);
+    let u = scaled_scores(&x, k, spec.scale, op.epsilon);
     let plan = match (op.variant, op.solver) {
         (Variant::TopK, _) if k == x.len() => Plan::ones_column(x.len()),
         (Variant::TopK, Solver::Auto | Solver::Exact) => solve::exact_topk(&u, k),
