@@ -77,7 +77,7 @@ impl GpuSoftTopK {
                 // correct, but slower than the CPU backend, so auto does not pick it.
                 Ok(gpu) => {
                     AUTO_NOTICE.call_once(|| {
-                        log::warn!(
+                        log::info!(
                             "soft-topk: the only adapter is a software one ({}); running on the \
                              CPU backend (ask for the gpu backend to use it anyway)",
                             gpu.name()

@@ -29,13 +29,14 @@ const MAGIC: &[u8; 6] = b"\x93NUMPY";
 #[derive(Debug, thiserror::Error)]
 pub enum NpyError {
     /// The file system refused (missing file, no permission, full disk...).
-    #[error("{}: {source}", path.display())]
+    // The source is printed by whoever prints the error chain, so it is not repeated here.
+    #[error("{}", path.display())]
     Io { path: PathBuf, source: io::Error },
     /// The file is not a `.npy` file this tool can use, or does not fit the other inputs.
     #[error("{}: {why}", path.display())]
     Invalid { path: PathBuf, why: String },
     /// The operator refused the whole job (ε, k against n, the device).
-    #[error("{0}")]
+    #[error(transparent)]
     Operator(#[from] Error),
 }
 
