@@ -11,7 +11,6 @@ use std::sync::Arc;
 use common::worst_abs;
 use rand::{Rng, SeedableRng};
 use soft_topk::cpu::CpuBackend;
-use soft_topk::gpu::GpuBackend;
 use soft_topk::reference::Reference;
 use soft_topk::{
     check_row, Backend, Batch, Cotangent, Direction, Error, Forward, Scale, SoftTopK, Variant,
@@ -75,18 +74,8 @@ fn families() -> Vec<(&'static str, Vec<f32>)> {
 
 const EPSILONS: [f64; 9] = [1e-30, 1e-10, 1e-2, 1.0, 1e10, 1e30, 3e-39, 1e-300, 5e-324];
 
-/// Every backend of this build: the reference, the CPU and, when an adapter exists, the GPU.
 fn backends() -> Vec<Arc<dyn Backend>> {
-    let mut list: Vec<Arc<dyn Backend>> = vec![Arc::new(Reference), Arc::new(CpuBackend::new())];
-    // Under CI (CI=true) lavapipe is installed: a missing adapter fails instead of skipping.
-    match GpuBackend::shared() {
-        Ok(gpu) => list.push(gpu),
-        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but no GPU adapter: {why}")
-        }
-        Err(why) => eprintln!("SKIPPED on GPU: extremes ran on reference and cpu only ({why})"),
-    }
-    list
+    common::all_backends("extremes")
 }
 
 /// Largest |a − b| and where, with equal values (the same infinity too) counting as 0.

@@ -1,26 +1,15 @@
 //! Mismatched pieces: every way a forward or backward call's shapes can disagree is a typed
 //! error on every backend, never a panic.
 
+mod common;
+
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::Arc;
 
-use soft_topk::cpu::CpuBackend;
-use soft_topk::gpu::GpuBackend;
-use soft_topk::reference::Reference;
 use soft_topk::{Backend, Batch, Cotangent, Error, Forward, SoftTopK};
 
-/// Every backend of this build: the reference, the CPU and, when an adapter exists, the GPU.
 fn backends() -> Vec<Arc<dyn Backend>> {
-    let mut list: Vec<Arc<dyn Backend>> = vec![Arc::new(Reference), Arc::new(CpuBackend::new())];
-    // Under CI (CI=true) lavapipe is installed: a missing adapter fails instead of skipping.
-    match GpuBackend::shared() {
-        Ok(gpu) => list.push(gpu),
-        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but no GPU adapter: {why}")
-        }
-        Err(why) => eprintln!("SKIPPED on GPU: shape checks ran on reference and cpu ({why})"),
-    }
-    list
+    common::all_backends("shape checks")
 }
 
 /// Runs `call` and demands a typed error of `kind`; a panic or a success fails the test.

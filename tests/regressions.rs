@@ -1,25 +1,16 @@
 //! Regressions found by trying the crate as a new user would, on every backend.
 
+mod common;
+
 use std::sync::Arc;
 
-use soft_topk::cpu::CpuBackend;
-use soft_topk::gpu::GpuBackend;
-use soft_topk::reference::Reference;
 use soft_topk::{Backend, Batch, SoftTopK};
 
 /// f32 outputs of a well-conditioned row: a few ulps of 1.
 const F32_TOLERANCE: f32 = 1e-6;
 
 fn backends() -> Vec<Arc<dyn Backend>> {
-    let mut list: Vec<Arc<dyn Backend>> = vec![Arc::new(Reference), Arc::new(CpuBackend::new())];
-    match GpuBackend::shared() {
-        Ok(gpu) => list.push(gpu),
-        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
-            panic!("CI=true but no GPU adapter: {why}")
-        }
-        Err(why) => eprintln!("SKIPPED on GPU: regressions ran on reference and cpu ({why})"),
-    }
-    list
+    common::all_backends("regressions")
 }
 
 /// One score of −1e20 (a common way to mask an entry out) used to collapse the others: the

@@ -163,3 +163,22 @@ pub fn worst_abs(actual: &[f32], expected: &[f32]) -> (f32, usize, f32) {
     }
     worst
 }
+
+/// Every backend of this build: the reference, the CPU and, when an adapter exists, the GPU.
+/// Under CI (CI=true) lavapipe is installed, so a missing adapter fails instead of skipping;
+/// elsewhere the skip is said loudly, naming `what` ran without it.
+pub fn all_backends(what: &str) -> Vec<std::sync::Arc<dyn soft_topk::Backend>> {
+    use soft_topk::{cpu::CpuBackend, gpu::GpuBackend, reference::Reference};
+    let mut list: Vec<std::sync::Arc<dyn soft_topk::Backend>> = vec![
+        std::sync::Arc::new(Reference),
+        std::sync::Arc::new(CpuBackend::new()),
+    ];
+    match GpuBackend::shared() {
+        Ok(gpu) => list.push(gpu),
+        Err(why) if std::env::var("CI").as_deref() == Ok("true") => {
+            panic!("CI=true but no GPU adapter: {why}")
+        }
+        Err(why) => eprintln!("SKIPPED on GPU: {what} ran on reference and cpu only ({why})"),
+    }
+    list
+}
