@@ -49,8 +49,9 @@ pub enum Error {
     #[error("too large for the device: {0}")]
     TooLarge(String),
 
-    /// The device reported an error (validation, out of memory, lost device). The value that
-    /// returned it says in [`crate::GpuSoftTopK::needs_rebuild`] whether it can still be used.
+    /// The device reported an error (validation, out of memory, lost device).
+    /// [`crate::gpu::GpuBackend::needs_rebuild`] says whether the backend can still be used;
+    /// [`crate::GpuSoftTopK::fall_back_on_device_error`] answers such calls on the CPU.
     #[error("GPU error ({kind}): {message}")]
     Gpu { kind: GpuErrorKind, message: String },
 }

@@ -29,12 +29,13 @@
 //!
 //! ## Backends
 //!
-//! - [`reference`]: plain f64 loops. It defines correctness; every other path is tested
+//! - [`reference`](mod@reference): plain f64 loops. It defines correctness; every other path is tested
 //!   against it.
 //! - [`cpu::CpuBackend`]: f32 storage, rows in parallel on all cores.
-//! - [`gpu::GpuBackend`]: WGSL compute shaders through wgpu (Vulkan, Metal, DX12).
-//! - [`GpuSoftTopK`]: an operator bound to a backend; by default the GPU when an adapter
-//!   exists and the CPU otherwise, said once in the log.
+//! - [`gpu::GpuBackend`]: WGSL compute shaders through wgpu (Vulkan, Metal, DX12). The exact
+//!   top-k runs there; the sorted variant and Sinkhorn are handed to the CPU backend for now.
+//! - [`GpuSoftTopK`]: an operator bound to a backend; by default the GPU when a hardware
+//!   adapter exists and the CPU otherwise, said once in the log.
 //!
 //! ```
 //! use soft_topk::{Batch, Cotangent, GpuSoftTopK, SoftTopK};

@@ -104,7 +104,7 @@ impl Forward {
 #[derive(Debug, Clone, Copy)]
 pub enum Cotangent<'a> {
     /// ∂L/∂mask, `rows × n`. For the sorted variant this counts for every rank, since
-    /// mask = Σ_j ranks[j].
+    /// `mask = Σ_j ranks[j]`.
     Mask(&'a [f32]),
     /// Sorted variant only: ∂L/∂ranks, `rows × k_max × n`, laid out as [`Forward::ranks`].
     Ranks(&'a [f32]),

@@ -1,10 +1,10 @@
 //! The GPU backend: WGSL compute kernels through wgpu (Vulkan, Metal, DX12, GL).
 //!
-//! - [`context`]: adapter choice (honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`,
+//! - `context`: adapter choice (honouring `WGPU_BACKEND`, `WGPU_ADAPTER_NAME`,
 //!   `WGPU_POWER_PREF`), error scopes around every submission, device loss, the buffer pool.
 //! - [`kernels`]: the WGSL sources (`shaders/`), the bind group layout and the pipelines,
 //!   built once per backend.
-//! - [`rows`]: per-row checks and parameters, validity bits, the split into parts.
+//! - `rows`: per-row checks and parameters, validity bits, the split into parts.
 //!
 //! One workgroup solves one row. A batch whose buffers exceed the device's storage-binding
 //! size, buffer size or dispatch limits is split by rows into parts run one after another.

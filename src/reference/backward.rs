@@ -22,8 +22,8 @@ pub fn topk_backward(mask: &[f64], grad_mask: &[f64], factor: f64) -> Vec<f64> {
 
 /// Sorted: implicit differentiation of the optimality conditions (MATH.md §5).
 ///
-/// `ranks[j][i]` is the forward output P[j][i] on the valid entries, `grad_ranks[j][i]` is
-/// ∂L/∂P[j][i], `anchors` are the k (k = n) or k + 1 anchor positions, factor = 2/(s·ε).
+/// `ranks[j][i]` is the forward output `P[j][i]` on the valid entries, `grad_ranks[j][i]` is
+/// `∂L/∂P[j][i]`, `anchors` are the k (k = n) or k + 1 anchor positions, factor = 2/(s·ε).
 /// Everything is in units where the plan's rows sum to 1 (P = n·Γ), which turns §5 into:
 ///
 /// ```text
