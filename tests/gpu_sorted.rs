@@ -128,7 +128,9 @@ fn sorted_grid(skip: impl Fn(usize, f64) -> bool) {
 }
 
 /// N.B. Known failure, left out of `sorted_newton_grid`: n = 1000 at ε = 1e-3 (Scale::Max,
-/// a row with excluded entries) ends with an infinite marginal error after 8 steps.
+/// a row with excluded entries) ends with an infinite marginal error after 8 steps. On
+/// lavapipe the cause is its loop-iteration budget (see `TRANSPORT_WGSL` in src/gpu/kernels.rs):
+/// the Newton loop is left mid-search with no stopping rule fired.
 fn known_failure(n: usize, epsilon: f64) -> bool {
     n == 1000 && epsilon == 1e-3
 }

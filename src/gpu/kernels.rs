@@ -15,8 +15,11 @@ pub const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
 pub const TOPK_WGSL: &str = include_str!("../../shaders/topk.wgsl");
 
 /// Transport: Sinkhorn (top-k and sorted) and dual Newton (sorted). N.B. Experimental: built
-/// only when the environment sets `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` (on lavapipe its loop
-/// still ends early on some n = 1000 rows; see `GpuBackend::transport_forward`).
+/// only when the environment sets `SOFT_TOPK_EXPERIMENTAL_TRANSPORT`. On lavapipe its loop
+/// ends early on some n = 1000 rows: llvmpipe gives every invocation a budget of 65535 loop
+/// iterations shared by all the loops nested in the Newton loop (gallivm's loop limiter), and
+/// one evaluation pass at n = 1000 spends about 7000 of them on the first threads, so after
+/// about nine passes the loop is left with no stopping rule having fired.
 pub const TRANSPORT_WGSL: &str = include_str!("../../shaders/transport.wgsl");
 
 /// Number of storage bindings in the shared layout (params, valid bits, two inputs, two
