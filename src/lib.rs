@@ -29,8 +29,8 @@
 //!
 //! ## Backends
 //!
-//! - [`reference`](mod@reference): plain f64 loops. It defines correctness; every other path is tested
-//!   against it.
+//! - [`reference`](mod@reference): plain f64 loops. It defines correctness; every other path
+//!   is tested against it.
 //! - [`cpu::CpuBackend`]: f32 storage, rows in parallel on all cores.
 //! - [`gpu::GpuBackend`]: WGSL compute shaders through wgpu (Vulkan, Metal, DX12). The exact
 //!   top-k runs there; the sorted variant and Sinkhorn are handed to the CPU backend for now.
