@@ -3,31 +3,21 @@
 //! also run through the CPU backend, as the tool's npy mode would.
 #![no_main]
 
-use std::io::Cursor;
-use std::path::Path;
+#[path = "../checks.rs"]
+mod checks;
 
 use libfuzzer_sys::fuzz_target;
 use soft_topk::cpu::CpuBackend;
-use soft_topk::io::npy::{read_array_from, Values};
+use soft_topk::io::npy::Values;
 use soft_topk::{Backend, Batch, SoftTopK};
 
 /// Arrays up to this many values are also solved.
 const MAX_SOLVED: usize = 4096;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(array) = read_array_from(Cursor::new(data), data.len() as u64, Path::new("fuzz.npy"))
-    else {
+    let Some(array) = checks::check_npy(data) else {
         return;
     };
-    let count: usize = array.shape.iter().product();
-    let len = match &array.values {
-        Values::F32(v) => v.len(),
-        Values::F64(v) => v.len(),
-        Values::Bool(v) => v.len(),
-    };
-    assert_eq!(count, len, "shape {:?} and values disagree", array.shape);
-    // The values came from the file: they cannot outnumber its bytes.
-    assert!(len <= data.len(), "{len} values from {} bytes", data.len());
 
     let Values::F32(scores) = &array.values else {
         return;
