@@ -1,7 +1,6 @@
 // Entropic transport from a row's scores to m anchors y_j = ranked − j (MATH.md §1 with two
 // anchors for top-k Sinkhorn, §2 with k + 1 anchors for sorted): log-domain Sinkhorn, or
 // Newton on the anchor potentials with a line search (the reference's `sorted_newton`).
-// One workgroup per row; dispatched by src/gpu/mod.rs as (rows in the part, 1, 1).
 //
 // Newton starts from the potentials of the hard sorted assignment (the reference's
 // `hard_assignment_potentials`), solves its k×k systems with a small relative damping (the
@@ -13,240 +12,145 @@
 // h_j = g_j − g_{j+1}: the logit gap between neighbouring anchors for the score u is then
 // u + h_j, which is small exactly where it matters (for the scores between two ranks), while
 // g itself and u·y_j grow to |u|·k and would cost f32 all its digits there.
-
-// The largest k: the k×k Jacobian lives in workgroup memory. Must equal `SORTED_K_MAX` in
-// src/gpu/kernels.rs.
-const K_MAX: u32 = 32u;
-const M_MAX: u32 = 33u;
-// Entries of the packed lower triangle of a K_MAX × K_MAX matrix, and per thread.
-const ENTRIES: u32 = 528u;
-const ENTRIES_PER_THREAD: u32 = 3u;
-// Scores per tile of the evaluation pass; TILE_CELLS = TILE · M_MAX.
-const TILE: u32 = 32u;
-const TILE_CELLS: u32 = 1056u;
+//
+// Dispatches (src/gpu/transport.rs records them; plan.wgsl says why a solve is cut up):
+//   transport_init    chunks × rows   each chunk's m largest scores (Newton's warm start)
+//   transport_start   1 × rows        the starting potentials and the row's state
+//   transport_pass    chunks × rows   ┐ one evaluation: the chunk's log column sums, its
+//   transport_step    1 × rows        ┘ Jacobian and line-search term; then the row's
+//                                       decision (stop, Newton step, trial, Sinkhorn update)
+//   transport_finish  chunks × rows   the mask, the ranks and the report
+// The host records pass + step pairs a block at a time and reads the reports' running flags
+// between blocks; a row that has stopped makes every later dispatch return at once. The
+// marginal error is measured on the GPU after every evaluation.
 
 const SOLVER_SINKHORN: u32 = 0u;
 const SOLVER_NEWTON: u32 = 1u;
 // Mirrors `GPU_AUTO_TOLERANCE` in src/gpu/rows.rs: what "converged" means for the paper's
 // fixed sweep count (tolerance 0).
 const AUTO_TOLERANCE: f32 = 1e-5;
-// Relative damping added to the Jacobian's diagonal before the Cholesky solve (the
-// reference's `solve_psd` adds 1e-10 in f64): a nearly decoupled block of anchors keeps a
-// bounded step instead of stopping Newton. In f32 the entries themselves carry relative
-// rounding of a few 1e-7, so damping at 1e-6 changes no well-determined direction.
-const RELATIVE_DAMPING: f32 = 1e-6;
 // Halvings of a Newton step before falling back to a Sinkhorn update.
 const LINE_SEARCH_STEPS: u32 = 30u;
 // Newton stops when the marginal error has not improved for this many steps: the f32 floor.
 const STALL_STEPS: u32 = 6u;
 
-const STATE_RUN: u32 = 0u;
-const STATE_DONE: u32 = 1u;
-const SEARCH_TRYING: u32 = 0u;
-const SEARCH_ACCEPTED: u32 = 1u;
-const SEARCH_FAILED: u32 = 2u;
+// What the last evaluation measured: new potentials (decide what next), a trial step of
+// Newton (judge it), or nothing any more.
+const PHASE_MEASURE: u32 = 0u;
+const PHASE_TRIAL: u32 = 1u;
+const PHASE_DONE: u32 = 2u;
 
-// One tile of log-plan rows (TILE scores × m anchors), which of them are valid, each row's
-// largest anchor and the mass on its other anchors (Σ_{l≠big} p_il, for the Jacobian's
-// diagonal without cancellation).
-var<workgroup> tile_logp: array<f32, TILE_CELLS>;
-var<workgroup> tile_ok: array<u32, TILE>;
-var<workgroup> tile_big: array<u32, TILE>;
-var<workgroup> tile_rest: array<f32, TILE>;
-// The potentials' increments, the Newton direction in g (0 on the last anchor), the log
-// column sums of the last evaluation, and the packed Jacobian (then its Cholesky factor).
+// The row state at the start of each row's `work` (offsets in floats; counts are stored as
+// f32, exact below 2^24): the potentials' increments, those before the step being tried, the
+// Newton direction in g (0 on the last anchor), the log column sums at the accepted
+// potentials, then the control scalars.
+const S_H: u32 = 0u;
+const S_H_OLD: u32 = 33u;
+const S_DG: u32 = 66u;
+const S_LOG_COL: u32 = 99u;
+const S_PHASE: u32 = 132u;
+const S_STEPS: u32 = 133u;
+const S_BEST_STEP: u32 = 134u;
+const S_TRIES: u32 = 135u;
+const S_ERROR: u32 = 136u;
+const S_BEST_ERROR: u32 = 137u;
+const S_STEP_LENGTH: u32 = 138u;
+const S_ASCENT: u32 = 139u;
+// In a chunk's partial block: P_COLUMNS holds each anchor's log-sum-exp as (max, sum) pairs,
+// the maxima first; P_EXTRA the line-search term. transport_init reuses P_COLUMNS for the
+// chunk's m largest scores and P_EXTRA for how many there are.
+
+// The row state while a kernel runs; the control scalars are thread 0's.
 var<workgroup> h: array<f32, M_MAX>;
+var<workgroup> h_old: array<f32, M_MAX>;
 var<workgroup> dg: array<f32, M_MAX>;
 var<workgroup> log_col: array<f32, M_MAX>;
-var<workgroup> jac: array<f32, ENTRIES>;
-// Control, owned by thread 0.
-var<workgroup> state: u32;
-var<workgroup> search: u32;
-var<workgroup> step_length: f32;
-var<workgroup> ascent: f32;
-var<workgroup> tries: u32;
+var<workgroup> log_col_old: array<f32, M_MAX>;
+var<workgroup> phase: u32;
 var<workgroup> steps: u32;
+var<workgroup> best_step: u32;
+var<workgroup> tries: u32;
 var<workgroup> error: f32;
 var<workgroup> best_error: f32;
-var<workgroup> best_step: u32;
-var<workgroup> use_newton: u32;
-var<workgroup> use_sinkhorn: u32;
+var<workgroup> step_length: f32;
+var<workgroup> ascent: f32;
 var<workgroup> trial_change: f32;
-// The potentials' increments before the step being tried.
-var<workgroup> h_old: array<f32, M_MAX>;
-// Warm start: the m largest valid scaled scores in decreasing order, ties repeated.
+// The line-search term of each element thread, for thread 0 to add.
+var<workgroup> trial_lanes: array<f32, TILE>;
+// Warm start: the m largest scaled scores so far in decreasing order, ties repeated, and each
+// lane's candidate of the current round.
 var<workgroup> top_u: array<f32, M_MAX>;
 var<workgroup> top_filled: u32;
 var<workgroup> top_below: f32;
+// Set once the list is full or nothing is left to offer.
+var<workgroup> top_stop: u32;
 var<workgroup> lane_max: array<f32, WG>;
 var<workgroup> lane_count: array<u32, WG>;
-
-// A score's log-plan row and its largest anchor.
-struct LogRow {
-    lp: array<f32, M_MAX>,
-    big: u32,
-}
-
-fn packed(i: u32, j: u32) -> u32 {
-    return i * (i + 1u) / 2u + j;
-}
-
-// The (row, column) of packed entry e, column ≤ row.
-fn unpacked(e: u32) -> vec2<u32> {
-    var i = 0u;
-    loop {
-        if (packed(i + 1u, 0u) > e) {
-            break;
-        }
-        i += 1u;
-    }
-    return vec2<u32>(i, e - packed(i, 0u));
-}
 
 fn weight(p: RowParams, j: u32) -> f32 {
     return select(p.w_last, p.w_top, j < p.ranked);
 }
 
-// log p_ij of the score u under the current potentials, into `lp`; returns the anchor with the
-// largest logit. The logits are summed outward from that anchor, so the ones that matter are
-// sums of small gaps.
-fn element_logp(u: f32, m: u32) -> LogRow {
-    var out: LogRow;
+fn scaled(p: RowParams, row: u32, i: u32) -> f32 {
+    return (p.sign * in_a[row * p.n + i] - p.centre) * p.factor;
+}
+
+// log p_j of the score u for j < m, under the potentials `h` (or `h_old`). The logits are
+// summed outward from the anchor with the largest one, so the ones that matter are sums of
+// small gaps.
+fn element_logp(u: f32, m: u32, old: bool) -> array<f32, M_MAX> {
+    var lp: array<f32, M_MAX>;
     var big = m - 1u;
     var run = 0.0;
     var top = 0.0;
     for (var j = i32(m) - 2; j >= 0; j--) {
-        run += u + h[j];
+        run += u + select(h[j], h_old[j], old);
         if (run > top) {
             top = run;
             big = u32(j);
         }
     }
-    out.big = big;
-    out.lp[big] = 0.0;
+    lp[big] = 0.0;
     for (var j = i32(big) - 1; j >= 0; j--) {
-        out.lp[j] = out.lp[j + 1] + (u + h[j]);
+        lp[j] = lp[j + 1] + (u + select(h[j], h_old[j], old));
     }
     for (var j = big + 1u; j < m; j++) {
-        out.lp[j] = out.lp[j - 1u] - (u + h[j - 1u]);
+        lp[j] = lp[j - 1u] - (u + select(h[j - 1u], h_old[j - 1u], old));
     }
     // The recomputed logits can exceed the one at `big` by a rounding; shift by their maximum.
     var most = 0.0;
     for (var j = 0u; j < m; j++) {
-        most = max(most, out.lp[j]);
+        most = max(most, lp[j]);
     }
     var s = 0.0;
     for (var j = 0u; j < m; j++) {
-        s += exp(out.lp[j] - most);
+        s += exp(lp[j] - most);
     }
     let lse = most + log(s);
     for (var j = 0u; j < m; j++) {
-        out.lp[j] -= lse;
+        lp[j] -= lse;
     }
-    return out;
+    return lp;
 }
 
-fn scaled(p: RowParams, base: u32, i: u32) -> f32 {
-    return (p.sign * in_a[base + i] - p.centre) * p.factor;
+// The score u's share of the change of the semi-dual Σ_j w_j g_j + Σ_i f_i(g) along step·dg
+// from `h_old`, less its first-order part: step·Σ_j p_j dg_j − log Σ_j p_j e^(step·dg_j), a
+// small second-order quantity formed without cancellation.
+fn trial_term(u: f32, m: u32, step: f32) -> f32 {
+    let lp = element_logp(u, m, true);
+    var first = 0.0;
+    var grown = 0.0;
+    for (var j = 0u; j + 1u < m; j++) {
+        let pj = exp(lp[j]);
+        first += pj * step * dg[j];
+        grown += pj * expm1_accurate(step * dg[j]);
+    }
+    return first - log1p_accurate(grown);
 }
 
-// One pass over the row at the current potentials: the log column sums into `log_col` and,
-// when asked, the column Jacobian J_jl = Σ_i p_ij·(δ_jl − p_il) over the free anchors into
-// `jac`. Scores go through workgroup memory a tile at a time: TILE threads form the log-plan
-// rows, then column threads run an online log-sum-exp down their column and entry threads
-// accumulate their Jacobian entries. Workgroup-uniform; the caller barriers before reading.
-fn eval_pass(row: u32, p: RowParams, t: u32, with_jacobian: bool) {
-    let m = p.anchors;
-    let free = m - 1u;
-    let entries = free * (free + 1u) / 2u;
-    let base = row * p.n;
-    var col_max = -HUGE;
-    var col_sum = 0.0;
-    var acc: array<f32, ENTRIES_PER_THREAD>;
-    var at: array<vec2<u32>, ENTRIES_PER_THREAD>;
-    for (var q = 0u; q < ENTRIES_PER_THREAD; q++) {
-        acc[q] = 0.0;
-        at[q] = unpacked(min(t + q * WG, ENTRIES - 1u));
-    }
-
-    for (var start = 0u; start < p.n; start += TILE) {
-        if (t < TILE) {
-            let i = start + t;
-            var ok = 0u;
-            if (i < p.n && is_valid(row, p.n, i)) {
-                ok = 1u;
-                let r = element_logp(scaled(p, base, i), m);
-                var rest = 0.0;
-                for (var l = 0u; l < m; l++) {
-                    tile_logp[t * M_MAX + l] = r.lp[l];
-                    if (l != r.big) {
-                        rest += exp(r.lp[l]);
-                    }
-                }
-                tile_big[t] = r.big;
-                tile_rest[t] = rest;
-            }
-            tile_ok[t] = ok;
-        }
-        // The tile's log-plan rows are written before column and entry threads read them.
-        workgroupBarrier();
-
-        let count = min(TILE, p.n - start);
-        if (t < m) {
-            for (var i = 0u; i < count; i++) {
-                if (tile_ok[i] == 1u) {
-                    let v = tile_logp[i * M_MAX + t];
-                    if (v > col_max) {
-                        col_sum = col_sum * exp(col_max - v) + 1.0;
-                        col_max = v;
-                    } else {
-                        col_sum += exp(v - col_max);
-                    }
-                }
-            }
-        }
-        if (with_jacobian) {
-            for (var q = 0u; q < ENTRIES_PER_THREAD; q++) {
-                if (t + q * WG < entries) {
-                    let j = at[q].x;
-                    let l = at[q].y;
-                    var s = 0.0;
-                    for (var i = 0u; i < count; i++) {
-                        if (tile_ok[i] == 1u) {
-                            let lj = tile_logp[i * M_MAX + j];
-                            if (j == l) {
-                                // Σ_{l≠j} p_il without forming 1 − p_ij when p_ij is near 1.
-                                let pj = exp(lj);
-                                let others = select(1.0 - pj, tile_rest[i], tile_big[i] == j);
-                                s += pj * others;
-                            } else {
-                                s -= exp(lj + tile_logp[i * M_MAX + l]);
-                            }
-                        }
-                    }
-                    acc[q] += s;
-                }
-            }
-        }
-        // Everyone is done with this tile before the next one overwrites it.
-        workgroupBarrier();
-    }
-
-    if (t < m) {
-        log_col[t] = col_max + log(col_sum);
-    }
-    if (with_jacobian) {
-        for (var q = 0u; q < ENTRIES_PER_THREAD; q++) {
-            if (t + q * WG < entries) {
-                jac[t + q * WG] = acc[q];
-            }
-        }
-    }
-}
-
-// Thread 0: the marginal error of the last evaluation, in units of 1/n. The ranked columns
-// are measured directly; the last column's error is minus their sum, because every row of the
-// plan sums to 1 by construction (and its own sum, of n − k terms near 1, is the noisiest).
+// Thread 0: the marginal error of `log_col`, in units of 1/n. The ranked columns are measured
+// directly; the last column's error is minus their sum, because every row of the plan sums to
+// 1 by construction (and its own sum, of n − k terms near 1, is the noisiest).
 fn marginal_error(p: RowParams) -> f32 {
     var worst = 0.0;
     var total = 0.0;
@@ -261,69 +165,28 @@ fn marginal_error(p: RowParams) -> f32 {
     return worst;
 }
 
-// Thread 0: the Newton direction dg solving (J + λI) dg = −r over the free anchors, λ =
-// RELATIVE_DAMPING × the largest diagonal entry, by Cholesky in place on the packed `jac`;
-// false when J is zero or the damped factorisation still fails. Also sets `ascent` = −rᵀdg.
+// Thread 0: the Newton direction dg solving (J + λI) dg = −r over the free anchors (see
+// `damped_solve`); false when there is none or it does not ascend. Sets `ascent` = −rᵀdg.
 fn newton_direction(p: RowParams) -> bool {
     let free = p.anchors - 1u;
-    var scale = 0.0;
     for (var j = 0u; j < free; j++) {
-        scale = max(scale, jac[packed(j, j)]);
+        rhs[j] = weight(p, j) - exp(log_col[j]);
     }
-    if (!(scale > 0.0) || scale > HUGE) {
+    if (!damped_solve(free)) {
         return false;
     }
-    for (var j = 0u; j < free; j++) {
-        jac[packed(j, j)] += RELATIVE_DAMPING * scale;
-    }
-    for (var j = 0u; j < free; j++) {
-        var d = jac[packed(j, j)];
-        for (var q = 0u; q < j; q++) {
-            d -= jac[packed(j, q)] * jac[packed(j, q)];
-        }
-        if (!(d > 0.0)) {
-            return false;
-        }
-        d = sqrt(d);
-        jac[packed(j, j)] = d;
-        for (var i = j + 1u; i < free; i++) {
-            var v = jac[packed(i, j)];
-            for (var q = 0u; q < j; q++) {
-                v -= jac[packed(i, q)] * jac[packed(j, q)];
-            }
-            jac[packed(i, j)] = v / d;
-        }
-    }
-    // L z = −r, then Lᵀ dg = z.
-    for (var i = 0u; i < free; i++) {
-        var v = weight(p, i) - exp(log_col[i]);
-        for (var q = 0u; q < i; q++) {
-            v -= jac[packed(i, q)] * dg[q];
-        }
-        dg[i] = v / jac[packed(i, i)];
-    }
-    for (var ii = 0u; ii < free; ii++) {
-        let i = free - 1u - ii;
-        var v = dg[i];
-        for (var q = i + 1u; q < free; q++) {
-            v -= jac[packed(q, i)] * dg[q];
-        }
-        dg[i] = v / jac[packed(i, i)];
-    }
-    dg[free] = 0.0;
     var slope = 0.0;
     for (var j = 0u; j < free; j++) {
-        if (!(abs(dg[j]) < HUGE)) {
-            return false;
-        }
+        dg[j] = rhs[j];
         slope += (weight(p, j) - exp(log_col[j])) * dg[j];
     }
+    dg[free] = 0.0;
     ascent = slope;
     return slope > 0.0;
 }
 
-// Thread 0: one Sinkhorn column update from the last evaluation, g_j += log w_j − log col_j,
-// re-gauged so that g_{m−1} stays 0, applied to the increments.
+// Thread 0: one Sinkhorn column update from `log_col`, g_j += log w_j − log col_j, re-gauged
+// so that g_{m−1} stays 0, applied to the increments.
 fn sinkhorn_update(p: RowParams) {
     let m = p.anchors;
     let last = log(weight(p, m - 1u)) - log_col[m - 1u];
@@ -331,7 +194,7 @@ fn sinkhorn_update(p: RowParams) {
     for (var jj = 0u; jj + 1u < m; jj++) {
         let j = m - 2u - jj;
         var shift = log(weight(p, j)) - log_col[j] - last;
-        // A column whose mass underflowed to 0 would get an infinite potential: leave it.
+        // A column whose mass underflowed would get an infinite potential: leave it.
         if (!(abs(shift) < HUGE)) {
             shift = next;
         }
@@ -340,288 +203,488 @@ fn sinkhorn_update(p: RowParams) {
     }
 }
 
-// The change of the semi-dual Σ_j w_j g_j + Σ_i f_i(g) along step·dg, less its first-order
-// part step·ascent: Σ_i [step·Σ_j p_ij dg_j − log Σ_j p_ij e^(step·dg_j)], each term a small
-// second-order quantity formed without cancellation. Thread 0 gets the total.
-fn trial_pass(row: u32, p: RowParams, t: u32, step: f32) -> f32 {
-    let m = p.anchors;
-    let base = row * p.n;
-    var acc = vec2<f32>(0.0);
-    for (var i = t; i < p.n; i += WG) {
-        if (is_valid(row, p.n, i)) {
-            let r = element_logp(scaled(p, base, i), m);
-            var first = 0.0;
-            var grown = 0.0;
-            for (var j = 0u; j + 1u < m; j++) {
-                let pj = exp(r.lp[j]);
-                first += pj * step * dg[j];
-                grown += pj * expm1_accurate(step * dg[j]);
-            }
-            acc = kahan_add(acc, first - log1p_accurate(grown));
-        }
+// Thread 0: the potentials h_old + step·dg, as increments.
+fn set_trial(m: u32, step: f32) {
+    for (var j = 0u; j + 1u < m; j++) {
+        h[j] = h_old[j] + step * (dg[j] - dg[j + 1u]);
     }
-    return wg_sum(t, vec4<f32>(acc.x - acc.y, 0.0, 0.0, 0.0)).x;
 }
 
-// Thread 0, after each evaluation: measure it, stop or set up the next step (a Newton
-// direction when one exists, else a Sinkhorn update).
+// Thread 0, after an evaluation of new potentials: stop, or set up the next evaluation (a
+// Newton trial when a direction exists, else a Sinkhorn update).
 fn decide(p: RowParams, newton: bool) {
     let err = marginal_error(p);
     error = err;
+    var stop = false;
     if (newton) {
         if (err < 0.999 * best_error) {
             best_error = err;
             best_step = steps;
         }
-        let stalled = steps - best_step >= STALL_STEPS;
-        if (err <= p.tolerance || steps >= p.max_iterations || stalled) {
-            state = STATE_DONE;
-        }
-    } else if (p.anchors < 2u || steps >= p.max_iterations
-        || (p.tolerance > 0.0 && err <= p.tolerance)) {
-        state = STATE_DONE;
+        stop = err <= p.tolerance || steps >= p.max_iterations || steps - best_step >= STALL_STEPS;
+    } else {
+        stop = p.anchors < 2u || steps >= p.max_iterations
+            || (p.tolerance > 0.0 && err <= p.tolerance);
     }
-    if (state == STATE_RUN) {
-        steps += 1u;
-        use_newton = select(0u, 1u, newton && newton_direction(p));
-        use_sinkhorn = 1u - use_newton;
+    if (stop) {
+        phase = PHASE_DONE;
+        return;
+    }
+    steps += 1u;
+    for (var j = 0u; j < M_MAX; j++) {
+        log_col_old[j] = log_col[j];
+    }
+    if (newton && newton_direction(p)) {
         for (var j = 0u; j < M_MAX; j++) {
             h_old[j] = h[j];
         }
         step_length = 1.0;
         tries = 0u;
-        search = SEARCH_TRYING;
+        set_trial(p.anchors, 1.0);
+        phase = PHASE_TRIAL;
+    } else {
+        sinkhorn_update(p);
+        phase = PHASE_MEASURE;
     }
 }
 
 // Thread 0, after evaluating a trial step: accept it when the semi-dual rises (Armijo) or,
 // near the solution where the rise is below the objective's rounding, when the marginal
-// error shrinks; else restore the potentials and halve the step.
-fn judge_trial(p: RowParams, step: f32) {
+// error shrinks; else halve the step, or after LINE_SEARCH_STEPS halvings go back to the
+// accepted potentials and take a Sinkhorn update from there.
+fn judge_trial(p: RowParams, newton: bool) {
+    let step = step_length;
     let err = marginal_error(p);
     let rises = trial_change >= -(1.0 - 1e-4) * step * ascent;
     let closer = err <= (1.0 - 1e-4 * step) * error;
     // A trial whose plan overflowed (a non-finite error) is never taken.
     if ((rises || closer) && err < HUGE) {
-        search = SEARCH_ACCEPTED;
-    } else {
-        for (var j = 0u; j < M_MAX; j++) {
-            h[j] = h_old[j];
-        }
-        tries += 1u;
+        decide(p, newton);
+        return;
+    }
+    tries += 1u;
+    if (tries < LINE_SEARCH_STEPS) {
         step_length = 0.5 * step;
-        if (tries >= LINE_SEARCH_STEPS) {
-            search = SEARCH_FAILED;
-        }
+        set_trial(p.anchors, step_length);
+        return;
+    }
+    for (var j = 0u; j < M_MAX; j++) {
+        h[j] = h_old[j];
+        log_col[j] = log_col_old[j];
+    }
+    sinkhorn_update(p);
+    phase = PHASE_MEASURE;
+}
+
+// Reads the row state from `work` into workgroup memory: threads below M_MAX the arrays,
+// thread 0 the scalars. The caller's uniform load of `phase` is the barrier after it.
+fn load_state(base: u32, t: u32) {
+    if (t < M_MAX) {
+        h[t] = work[base + S_H + t];
+        h_old[t] = work[base + S_H_OLD + t];
+        dg[t] = work[base + S_DG + t];
+        log_col_old[t] = work[base + S_LOG_COL + t];
+    }
+    if (t == 0u) {
+        phase = u32(work[base + S_PHASE]);
+        steps = u32(work[base + S_STEPS]);
+        best_step = u32(work[base + S_BEST_STEP]);
+        tries = u32(work[base + S_TRIES]);
+        error = work[base + S_ERROR];
+        best_error = work[base + S_BEST_ERROR];
+        step_length = work[base + S_STEP_LENGTH];
+        ascent = work[base + S_ASCENT];
     }
 }
 
-// The potentials of the hard sorted assignment (the reference's `hard_assignment_potentials`):
-// the boundary between anchors j and j + 1 halfway between the (j+1)-th and (j+2)-th largest
-// scores, h_j = −boundary. The m largest scores are found by m rounds of a workgroup maximum
-// over the scores below the last round's, ties counted. Workgroup-uniform.
-fn warm_start(row: u32, p: RowParams, t: u32) {
-    let m = p.anchors;
-    let base = row * p.n;
-    if (t == 0u) {
-        top_filled = 0u;
-        top_below = HUGE;
+// Thread 0: writes the row state back, and the running flag to the row's report.
+fn save_state(row: u32, base: u32) {
+    for (var j = 0u; j < M_MAX; j++) {
+        work[base + S_H + j] = h[j];
+        work[base + S_H_OLD + j] = h_old[j];
+        work[base + S_DG + j] = dg[j];
+        work[base + S_LOG_COL + j] = log_col_old[j];
     }
-    // The round state is set before anyone reads it.
+    work[base + S_PHASE] = f32(phase);
+    work[base + S_STEPS] = f32(steps);
+    work[base + S_BEST_STEP] = f32(best_step);
+    work[base + S_TRIES] = f32(tries);
+    work[base + S_ERROR] = error;
+    work[base + S_BEST_ERROR] = best_error;
+    work[base + S_STEP_LENGTH] = step_length;
+    work[base + S_ASCENT] = ascent;
+    report[row * 4u + 3u] = select(1u, 0u, phase == PHASE_DONE);
+}
+
+// One round of a workgroup's search for the m largest values: each lane offers its largest
+// value below the last round's (`best`, seen `count` times); thread 0 appends the largest
+// offer to `top_u` as often as it occurs, up to m in all. Workgroup-uniform; the caller's
+// uniform load of `top_stop` is the barrier after it.
+fn top_round(t: u32, best: f32, count: u32, m: u32) {
+    lane_max[t] = best;
+    lane_count[t] = count;
+    // Every lane's offer is in place before thread 0 merges them.
     workgroupBarrier();
-    if (p.n_valid < 2u || m < 2u) {
+    if (t == 0u) {
+        var most = -HUGE;
+        for (var l = 0u; l < WG; l++) {
+            if (lane_count[l] > 0u) {
+                most = max(most, lane_max[l]);
+            }
+        }
+        var ties = 0u;
+        for (var l = 0u; l < WG; l++) {
+            if (lane_count[l] > 0u && lane_max[l] == most) {
+                ties += lane_count[l];
+            }
+        }
+        for (var c = 0u; c < ties && top_filled < m; c++) {
+            top_u[top_filled] = most;
+            top_filled += 1u;
+        }
+        top_below = most;
+        // With no offer left, the list is as long as it gets.
+        top_stop = select(0u, 1u, ties == 0u || top_filled >= m);
+    }
+}
+
+// Thread 0: an empty list, before the first round.
+fn top_reset() {
+    top_filled = 0u;
+    top_below = HUGE;
+    top_stop = 0u;
+}
+
+// Whether the row runs Newton (else Sinkhorn).
+fn uses_newton(p: RowParams) -> bool {
+    return p.solver == SOLVER_NEWTON && p.anchors > 1u;
+}
+
+// transport_init: chunk `wid.x` of row `wid.y` writes its m largest valid scaled scores (ties
+// repeated) and how many it has, for transport_start's warm start. Newton rows only.
+@compute @workgroup_size(WG)
+fn transport_init(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let row = wid.y;
+    let p = params[row];
+    if (p.mode != MODE_SOLVE || !uses_newton(p)) {
         return;
     }
+    let m = p.anchors;
+    let start = wid.x * CHUNK;
+    let end = min(p.n, start + CHUNK);
+    if (t == 0u) {
+        top_reset();
+    }
     loop {
+        // The last round's result is in place before anyone reads it (the load is a barrier).
+        if (workgroupUniformLoad(&top_stop) == 1u) {
+            break;
+        }
+        let filled = top_filled;
         let below = top_below;
-        let first = top_filled == 0u;
         var best = -HUGE;
         var count = 0u;
-        for (var i = t; i < p.n; i += WG) {
+        for (var i = start + t; i < end; i += WG) {
             if (is_valid(row, p.n, i)) {
-                let u = scaled(p, base, i);
-                if (first || u < below) {
-                    if (u > best) {
+                let u = scaled(p, row, i);
+                if ((filled == 0u || u < below) && u >= best) {
+                    count = select(1u, count + 1u, u == best);
+                    best = u;
+                }
+            }
+        }
+        top_round(t, best, count, m);
+    }
+    if (t == 0u) {
+        let at = partial_base(row, p.n, wid.x);
+        for (var j = 0u; j < top_filled; j++) {
+            work[at + P_COLUMNS + j] = top_u[j];
+        }
+        work[at + P_EXTRA] = f32(top_filled);
+    }
+}
+
+// transport_start: row `wid.y`'s starting potentials, the hard sorted assignment's for
+// Newton (the boundary between anchors j and j + 1 halfway between the (j+1)-th and (j+2)-th
+// largest scores, h_j = −boundary, merged from the chunks' lists), 0 for Sinkhorn.
+@compute @workgroup_size(WG)
+fn transport_start(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let row = wid.y;
+    let p = params[row];
+    if (p.mode != MODE_SOLVE) {
+        if (t == 0u) {
+            report[row * 4u + 3u] = 0u;
+        }
+        return;
+    }
+    let m = p.anchors;
+    if (t < M_MAX) {
+        h[t] = 0.0;
+        h_old[t] = 0.0;
+        dg[t] = 0.0;
+        log_col_old[t] = 0.0;
+        top_u[t] = -HUGE;
+    }
+    if (t == 0u) {
+        top_reset();
+    }
+    if (uses_newton(p) && p.n_valid >= 2u) {
+        let chunks = chunk_count(p.n);
+        loop {
+            // The last round's result is in place before anyone reads it.
+            if (workgroupUniformLoad(&top_stop) == 1u) {
+                break;
+            }
+            let filled = top_filled;
+            let below = top_below;
+            var best = -HUGE;
+            var count = 0u;
+            for (var e = t; e < chunks * m; e += WG) {
+                let c = e / m;
+                let j = e % m;
+                let at = partial_base(row, p.n, c);
+                if (f32(j) < work[at + P_EXTRA]) {
+                    let u = work[at + P_COLUMNS + j];
+                    if ((filled == 0u || u < below) && u >= best) {
+                        count = select(1u, count + 1u, u == best);
                         best = u;
-                        count = 1u;
-                    } else if (u == best) {
-                        count += 1u;
+                    }
+                }
+            }
+            top_round(t, best, count, m);
+        }
+        if (t == 0u) {
+            let last = min(m, p.n_valid) - 1u;
+            for (var j = 0u; j + 1u < m; j++) {
+                h[j] = -(0.5 * top_u[j] + 0.5 * top_u[min(j + 1u, last)]);
+            }
+        }
+    }
+    // The starting potentials are in place before thread 0 saves them.
+    workgroupBarrier();
+    if (t == 0u) {
+        phase = PHASE_MEASURE;
+        steps = 0u;
+        best_step = 0u;
+        tries = 0u;
+        error = HUGE;
+        best_error = HUGE;
+        step_length = 1.0;
+        ascent = 0.0;
+        save_state(row, row_base(row, p.n));
+    }
+}
+
+// transport_pass: chunk `wid.x` of row `wid.y` under the potentials to measure: each anchor's
+// log column sum as (max, sum), the Jacobian over the free anchors (Newton), and for a trial
+// step the line-search term. Scores go through workgroup memory a tile at a time: TILE
+// threads form the plan rows, then column threads run an online log-sum-exp down their
+// column and entry threads add up their Jacobian entries.
+@compute @workgroup_size(WG)
+fn transport_pass(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let row = wid.y;
+    let p = params[row];
+    if (p.mode != MODE_SOLVE) {
+        return;
+    }
+    load_state(row_base(row, p.n), t);
+    // The state is in place before anyone reads it (the load is a barrier).
+    let now = workgroupUniformLoad(&phase);
+    if (now == PHASE_DONE) {
+        return;
+    }
+    let trial = now == PHASE_TRIAL;
+    let step = step_length;
+    let newton = uses_newton(p);
+    let m = p.anchors;
+    let free = m - 1u;
+    let start = wid.x * CHUNK;
+    let end = min(p.n, start + CHUNK);
+
+    var col_max = -HUGE;
+    var col_sum = 0.0;
+    var share = jacobian_share(t);
+    var trial_acc = vec2<f32>(0.0);
+    for (var first = start; first < end; first += TILE) {
+        if (t < TILE) {
+            let i = first + t;
+            let ok = i < end && is_valid(row, p.n, i);
+            var lp: array<f32, M_MAX>;
+            if (ok) {
+                let u = scaled(p, row, i);
+                lp = element_logp(u, m, false);
+                if (trial) {
+                    trial_acc = kahan_add(trial_acc, trial_term(u, m, step));
+                }
+            }
+            tile_put(t, ok, lp, m);
+        }
+        // The tile's plan rows are written before column and entry threads read them.
+        workgroupBarrier();
+        let count = min(TILE, end - first);
+        if (t < m) {
+            for (var i = 0u; i < count; i++) {
+                if (tile_ok[i] == 1u) {
+                    let v = tile_logp[i * M_MAX + t];
+                    if (v > col_max) {
+                        col_sum = col_sum * exp(col_max - v) + 1.0;
+                        col_max = v;
+                    } else {
+                        col_sum += exp(v - col_max);
                     }
                 }
             }
         }
-        lane_max[t] = best;
-        lane_count[t] = count;
-        // Every lane's candidate is in place before thread 0 merges them.
+        if (newton) {
+            jacobian_tile(&share, t, free, count);
+        }
+        // Everyone is done with this tile before the next one overwrites it.
         workgroupBarrier();
-        if (t == 0u) {
-            var most = -HUGE;
-            for (var l = 0u; l < WG; l++) {
-                if (lane_count[l] > 0u) {
-                    most = max(most, lane_max[l]);
-                }
-            }
-            var ties = 0u;
-            for (var l = 0u; l < WG; l++) {
-                if (lane_count[l] > 0u && lane_max[l] == most) {
-                    ties += lane_count[l];
-                }
-            }
-            if (ties == 0u) {
-                // Fewer distinct scores than anchors cannot happen (m ≤ n_valid); stop anyway.
-                top_filled = m;
-            }
-            for (var c = 0u; c < ties && top_filled < m; c++) {
-                top_u[top_filled] = most;
-                top_filled += 1u;
-            }
-            top_below = most;
-        }
-        if (workgroupUniformLoad(&top_filled) >= m) {
-            break;
-        }
     }
+
+    let at = partial_base(row, p.n, wid.x);
+    if (t < m) {
+        work[at + P_COLUMNS + t] = col_max;
+        work[at + P_COLUMNS + M_MAX + t] = col_sum;
+    }
+    if (newton) {
+        jacobian_store(share, t, free, at);
+    }
+    if (t < TILE) {
+        trial_lanes[t] = trial_acc.x - trial_acc.y;
+    }
+    // Every element thread's term is in place before thread 0 adds them.
+    workgroupBarrier();
     if (t == 0u) {
-        let last = min(m, p.n_valid) - 1u;
-        for (var j = 0u; j + 1u < m; j++) {
-            h[j] = -(0.5 * top_u[j] + 0.5 * top_u[min(j + 1u, last)]);
+        var s = 0.0;
+        for (var l = 0u; l < TILE; l++) {
+            s += trial_lanes[l];
         }
+        work[at + P_EXTRA] = s;
     }
 }
 
-// transport_forward: the plan's ranked columns as the mask (their sum) and, for sorted, the
-// ranks.
+// transport_step: row `wid.y` adds up its chunks' partial sums and decides: stop, a Newton
+// trial, the verdict on a trial, or a Sinkhorn update.
+@compute @workgroup_size(WG)
+fn transport_step(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) t: u32,
+) {
+    let row = wid.y;
+    let p = params[row];
+    if (p.mode != MODE_SOLVE) {
+        return;
+    }
+    let base = row_base(row, p.n);
+    load_state(base, t);
+    // The state is in place before anyone reads it (the load is a barrier).
+    let now = workgroupUniformLoad(&phase);
+    if (now == PHASE_DONE) {
+        return;
+    }
+    let newton = uses_newton(p);
+    let m = p.anchors;
+    let chunks = chunk_count(p.n);
+    if (t < m) {
+        var most = -HUGE;
+        for (var c = 0u; c < chunks; c++) {
+            most = max(most, work[partial_base(row, p.n, c) + P_COLUMNS + t]);
+        }
+        var s = 0.0;
+        for (var c = 0u; c < chunks; c++) {
+            let at = partial_base(row, p.n, c) + P_COLUMNS;
+            s += work[at + M_MAX + t] * exp(work[at + t] - most);
+        }
+        log_col[t] = select(-HUGE, most + log(s), s > 0.0);
+    }
+    if (newton) {
+        jacobian_gather(t, m - 1u, row, p.n);
+    }
+    if (t == 0u && now == PHASE_TRIAL) {
+        var s = 0.0;
+        for (var c = 0u; c < chunks; c++) {
+            s += work[partial_base(row, p.n, c) + P_EXTRA];
+        }
+        trial_change = s;
+    }
+    // The row's sums are complete before thread 0 reads them.
+    workgroupBarrier();
+    if (t == 0u) {
+        if (now == PHASE_TRIAL) {
+            judge_trial(p, newton);
+        } else {
+            decide(p, newton);
+        }
+        save_state(row, base);
+    }
+}
+
+// transport_finish: chunk `wid.x` of row `wid.y` writes its mask (the plan's ranked columns'
+// sum) and, for sorted, its ranks, under the last accepted potentials; chunk 0 writes the
+// row's report.
 //   params:     [rows] RowParams (mode, n, anchors, ranked, k_max, solver, max_iterations,
 //               sign, factor, centre, tolerance, w_top, w_last)
 //   valid_bits: [rows, ceil(n/32)]
 //   in_a:       scores [rows, n]
 //   out_a:      mask [rows, n]
 //   out_b:      ranks [rows, k_max, n] (sorted only: k_max > 0)
-//   report:     [rows, 4]: iterations, converged, marginal error (f32 bits)
+//   report:     [rows, 4]: iterations, converged, marginal error (f32 bits), running (0)
 @compute @workgroup_size(WG)
-fn transport_forward(
+fn transport_finish(
     @builtin(workgroup_id) wid: vec3<u32>,
     @builtin(local_invocation_index) t: u32,
 ) {
-    let row = wid.x;
+    let row = wid.y;
     let p = params[row];
-    let base = row * p.n;
+    let start = wid.x * CHUNK;
+    let end = min(p.n, start + CHUNK);
+    let out = row * p.n;
     if (p.mode != MODE_SOLVE) {
-        for (var i = t; i < p.n; i += WG) {
-            out_a[base + i] = select(0.0, 1.0, p.mode == MODE_ONES && is_valid(row, p.n, i));
+        for (var i = start + t; i < end; i += WG) {
+            out_a[out + i] = select(0.0, 1.0, p.mode == MODE_ONES && is_valid(row, p.n, i));
             for (var j = 0u; j < p.k_max; j++) {
                 out_b[(row * p.k_max + j) * p.n + i] = 0.0;
             }
         }
         return;
     }
+    let base = row_base(row, p.n);
+    load_state(base, t);
+    // The state is in place before anyone reads it (the load is a barrier).
+    let now = workgroupUniformLoad(&phase);
+    // A row cut off by the host's cap in the middle of a trial keeps its accepted potentials.
+    let old = now == PHASE_TRIAL;
     let m = p.anchors;
-    let newton = p.solver == SOLVER_NEWTON && m > 1u;
-
-    if (t < M_MAX) {
-        h[t] = 0.0;
-        dg[t] = 0.0;
-    }
-    if (t == 0u) {
-        state = STATE_RUN;
-        steps = 0u;
-        best_error = HUGE;
-        best_step = 0u;
-    }
-    // The potentials and the control block are set before the warm start and first pass.
-    workgroupBarrier();
-    if (newton) {
-        warm_start(row, p, t);
-    }
-    // The starting potentials are written before the first pass reads them.
-    workgroupBarrier();
-    eval_pass(row, p, t, newton);
-    // The first pass's column sums (and Jacobian) are complete before thread 0 reads them.
-    workgroupBarrier();
-    if (t == 0u) {
-        decide(p, newton);
-    }
-
-    loop {
-        // Thread 0's decision is written before anyone reads it (the load is a barrier).
-        if (workgroupUniformLoad(&state) != STATE_RUN) {
-            break;
-        }
-        let newton_step = workgroupUniformLoad(&use_newton) == 1u;
-        if (newton_step) {
-            loop {
-                // step_length and dg were written by thread 0 before the last uniform load.
-                let step = step_length;
-                let change = trial_pass(row, p, t, step);
-                if (t == 0u) {
-                    trial_change = change;
-                    for (var j = 0u; j + 1u < m; j++) {
-                        h[j] = h_old[j] + step * (dg[j] - dg[j + 1u]);
-                    }
-                }
-                // The trial potentials are written before the pass reads them.
-                workgroupBarrier();
-                eval_pass(row, p, t, true);
-                // The trial's column sums are complete before thread 0 judges them.
-                workgroupBarrier();
-                if (t == 0u) {
-                    judge_trial(p, step);
-                    if (search == SEARCH_FAILED) {
-                        use_sinkhorn = 1u;
-                    }
-                }
-                if (workgroupUniformLoad(&search) != SEARCH_TRYING) {
-                    break;
-                }
-            }
-        }
-        if (workgroupUniformLoad(&use_sinkhorn) == 1u) {
-            if (newton_step) {
-                // The failed search left the column sums of its last trial: measure the
-                // restored potentials again for the Sinkhorn update.
-                eval_pass(row, p, t, false);
-                // The column sums are complete before thread 0 reads them.
-                workgroupBarrier();
-            }
-            if (t == 0u) {
-                sinkhorn_update(p);
-            }
-            // The new potentials are written before the next pass reads them.
-            workgroupBarrier();
-            eval_pass(row, p, t, newton);
-            // The pass's column sums (and Jacobian) are complete before thread 0 reads them.
-            workgroupBarrier();
-        }
-        // After an accepted trial, `log_col` and `jac` already describe the new potentials.
-        if (t == 0u) {
-            decide(p, newton);
-        }
-    }
-
-    // The final potentials are in place (the uniform load that ended the loop is a barrier).
-    for (var i = t; i < p.n; i += WG) {
-        var mask = 0.0;
+    for (var i = start + t; i < end; i += WG) {
         let ok = is_valid(row, p.n, i);
-        var r: LogRow;
+        var lp: array<f32, M_MAX>;
+        var mask = 0.0;
         if (ok) {
-            r = element_logp(scaled(p, base, i), m);
+            lp = element_logp(scaled(p, row, i), m, old);
             for (var j = 0u; j < p.ranked; j++) {
-                mask += exp(r.lp[j]);
+                mask += exp(lp[j]);
             }
         }
-        out_a[base + i] = mask;
+        out_a[out + i] = mask;
         for (var j = 0u; j < p.k_max; j++) {
-            var v = 0.0;
-            if (ok && j < p.ranked) {
-                v = exp(r.lp[j]);
-            }
-            out_b[(row * p.k_max + j) * p.n + i] = v;
+            out_b[(row * p.k_max + j) * p.n + i] = select(0.0, exp(lp[j]), ok && j < p.ranked);
         }
     }
-    if (t == 0u) {
+    if (wid.x == 0u && t == 0u) {
         let goal = select(AUTO_TOLERANCE, p.tolerance, p.tolerance > 0.0);
         report[row * 4u] = steps;
         report[row * 4u + 1u] = select(0u, 1u, error <= goal);
         report[row * 4u + 2u] = bitcast<u32>(error);
+        report[row * 4u + 3u] = 0u;
     }
 }

@@ -6,7 +6,7 @@
 pub const WORKGROUP_SIZE: u32 = 256;
 
 /// The largest k of the sorted variant on the GPU: its k×k systems live in workgroup memory.
-/// Must equal `K_MAX` in shaders/transport.wgsl and shaders/sorted_backward.wgsl.
+/// Must equal `K_MAX` in shaders/plan.wgsl.
 pub const SORTED_K_MAX: usize = 32;
 
 /// Shared helpers: workgroup size, row parameters, bindings, σ, sums.
@@ -14,32 +14,54 @@ pub const COMMON_WGSL: &str = include_str!("../../shaders/common.wgsl");
 /// Top-k: the exact threshold solve and its closed-form backward.
 pub const TOPK_WGSL: &str = include_str!("../../shaders/topk.wgsl");
 
-/// Transport: Sinkhorn (top-k and sorted) and dual Newton (sorted). N.B. Experimental: built
-/// only when the environment sets `SOFT_TOPK_EXPERIMENTAL_TRANSPORT`. On lavapipe its loop
-/// ends early on some n = 1000 rows: llvmpipe gives every invocation a budget of 65535 loop
-/// iterations shared by all the loops nested in the Newton loop (gallivm's loop limiter), and
-/// one evaluation pass at n = 1000 spends about 7000 of them on the first threads, so after
-/// about nine passes the loop is left with no stopping rule having fired.
+/// Shared by the transport solve and the sorted backward: the k×k systems, the chunked layout
+/// of the `work` scratch binding, the Jacobian over a tile of plan rows, the damped solve.
+pub const PLAN_WGSL: &str = include_str!("../../shaders/plan.wgsl");
+/// Transport: Sinkhorn (top-k and sorted) and dual Newton (sorted), as a sequence of short
+/// dispatches driven by src/gpu/transport.rs.
 pub const TRANSPORT_WGSL: &str = include_str!("../../shaders/transport.wgsl");
 
+/// Scores per workgroup of the chunked kernels. Must equal `CHUNK` in shaders/plan.wgsl.
+pub const CHUNK: u32 = 1024;
+/// Floats of per-row state at the start of each row's `work`. Must equal `STATE_STRIDE` in
+/// shaders/plan.wgsl.
+pub const STATE_STRIDE: u64 = 160;
+/// Floats of each chunk's partial sums in `work`. Must equal `PARTIAL_STRIDE` in
+/// shaders/plan.wgsl.
+pub const PARTIAL_STRIDE: u64 = 596;
+
+/// Chunks of a row of length n (at least one).
+pub fn chunk_count(n: usize) -> u32 {
+    (n.div_ceil(CHUNK as usize).max(1)) as u32
+}
+
+/// Bytes of `work` one row of length n needs.
+pub fn work_bytes_per_row(n: usize) -> u64 {
+    4 * (STATE_STRIDE + chunk_count(n) as u64 * PARTIAL_STRIDE)
+}
+
 /// Number of storage bindings in the shared layout (params, valid bits, two inputs, two
-/// outputs, report): within the WebGPU default of 8 per stage.
-const BINDINGS: u32 = 7;
-/// Bindings the kernels write.
-const WRITTEN: [u32; 3] = [4, 5, 6];
+/// outputs, report, work): the WebGPU default of 8 per stage, so any adapter takes it.
+const BINDINGS: u32 = super::resident::BINDINGS as u32;
+/// Bindings from this one on are written by the kernels.
+const FIRST_WRITTEN: u32 = super::resident::FIRST_OUTPUT as u32;
 
 /// The compute pipelines and their layout.
 pub(crate) struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     pub topk_forward: wgpu::ComputePipeline,
     pub topk_backward: wgpu::ComputePipeline,
-    /// Built only when `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` is set (see `TRANSPORT_WGSL`).
-    pub transport_forward: Option<wgpu::ComputePipeline>,
+    /// The transport solve's dispatches, in the order the host records them.
+    pub transport_init: wgpu::ComputePipeline,
+    pub transport_start: wgpu::ComputePipeline,
+    pub transport_pass: wgpu::ComputePipeline,
+    pub transport_step: wgpu::ComputePipeline,
+    pub transport_finish: wgpu::ComputePipeline,
 }
 
-/// A family's full source: the shared helpers first, then the family's file.
-pub fn family_source(family: &str) -> String {
-    format!("{COMMON_WGSL}\n{family}")
+/// A family's full source: its files joined in order (the shared helpers first).
+pub fn family_source(files: &[&str]) -> String {
+    files.join("\n")
 }
 
 impl Kernels {
@@ -50,7 +72,7 @@ impl Kernels {
                 visibility: wgpu::ShaderStages::COMPUTE,
                 ty: wgpu::BindingType::Buffer {
                     ty: wgpu::BufferBindingType::Storage {
-                        read_only: !WRITTEN.contains(&binding),
+                        read_only: binding < FIRST_WRITTEN,
                     },
                     has_dynamic_offset: false,
                     min_binding_size: None,
@@ -68,7 +90,12 @@ impl Kernels {
             immediate_size: 0,
         });
 
-        let topk = module(device, "soft-topk topk.wgsl", TOPK_WGSL);
+        let topk = module(device, "soft-topk topk.wgsl", &[COMMON_WGSL, TOPK_WGSL]);
+        let transport = module(
+            device,
+            "soft-topk transport.wgsl",
+            &[COMMON_WGSL, PLAN_WGSL, TRANSPORT_WGSL],
+        );
         let pipeline = |module: &wgpu::ShaderModule, entry: &str| {
             log::debug!("soft-topk: building pipeline {entry}");
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -80,12 +107,12 @@ impl Kernels {
                 cache: None,
             })
         };
-        let transport = std::env::var_os("SOFT_TOPK_EXPERIMENTAL_TRANSPORT").map(|_| {
-            let module = module(device, "soft-topk transport.wgsl", TRANSPORT_WGSL);
-            pipeline(&module, "transport_forward")
-        });
         Kernels {
-            transport_forward: transport,
+            transport_init: pipeline(&transport, "transport_init"),
+            transport_start: pipeline(&transport, "transport_start"),
+            transport_pass: pipeline(&transport, "transport_pass"),
+            transport_step: pipeline(&transport, "transport_step"),
+            transport_finish: pipeline(&transport, "transport_finish"),
             topk_forward: pipeline(&topk, "topk_forward"),
             topk_backward: pipeline(&topk, "topk_backward"),
             layout,
@@ -93,9 +120,9 @@ impl Kernels {
     }
 }
 
-fn module(device: &wgpu::Device, label: &str, family: &str) -> wgpu::ShaderModule {
+fn module(device: &wgpu::Device, label: &str, files: &[&str]) -> wgpu::ShaderModule {
     device.create_shader_module(wgpu::ShaderModuleDescriptor {
         label: Some(label),
-        source: wgpu::ShaderSource::Wgsl(family_source(family).into()),
+        source: wgpu::ShaderSource::Wgsl(family_source(files).into()),
     })
 }

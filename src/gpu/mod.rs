@@ -18,15 +18,18 @@
 
 mod context;
 pub mod kernels;
+mod resident;
 mod rows;
+mod transport;
 
 use std::ops::Range;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Once, OnceLock};
 
-use context::{BufferUse, Context, Pooled};
-use kernels::Kernels;
+use context::Context;
+use kernels::{work_bytes_per_row, Kernels};
 pub use kernels::{SORTED_K_MAX, WORKGROUP_SIZE};
+use resident::{Resident, OUT_A, OUT_B, REPORT};
 use rows::{Pass, Prepared, RowParams, MODE_SOLVE};
 pub use rows::{GPU_AUTO_RANGE_ROUNDINGS, GPU_AUTO_TOLERANCE};
 
@@ -150,7 +153,7 @@ impl GpuBackend {
         let exact =
             op.variant == Variant::TopK && matches!(op.solver, Solver::Auto | Solver::Exact);
         let transport = op.variant == Variant::TopK || op.k_max(rows) <= SORTED_K_MAX;
-        exact || (self.kernels.transport_forward.is_some() && transport)
+        exact || transport
     }
 
     /// Whether this backend's own kernels answer a backward of `op` with `cotangent`.
@@ -180,13 +183,18 @@ impl GpuBackend {
     /// How many rows of length `n` one dispatch takes, for the given variant and rank slots.
     /// `Err(TooLarge)` when a single row does not fit one binding.
     pub fn max_rows_per_part(&self, n: usize, variant: Variant, k_max: usize) -> Result<usize> {
-        // The largest per-row binding: the ranks (k_max × n) for sorted, else one row.
-        let slots = if variant == Variant::Sorted {
-            k_max.max(1)
-        } else {
-            1
+        // The largest per-row binding: the ranks (k_max × n) or the solver's scratch for
+        // sorted, else one row.
+        let row_bytes = match variant {
+            Variant::Sorted => (n as u64 * 4 * k_max.max(1) as u64).max(work_bytes_per_row(n)),
+            Variant::TopK => n as u64 * 4,
         };
-        let row_bytes = (n as u64) * 4 * slots as u64;
+        self.rows_per_part(n, row_bytes)
+    }
+
+    /// Rows per part when each takes `row_bytes` of its largest binding; `Err(TooLarge)` when
+    /// one row does not fit.
+    fn rows_per_part(&self, n: usize, row_bytes: u64) -> Result<usize> {
         let groups = self.ctx.limits.max_compute_workgroups_per_dimension;
         rows::rows_per_part(n, row_bytes, self.binding_limit(), groups)
     }
@@ -202,9 +210,8 @@ impl GpuBackend {
         Ok(rows::parts(rows, per_part))
     }
 
-    /// One dispatch: uploads `inputs` (params, valid bits, in_a, in_b), runs `pipeline` with
-    /// one workgroup per row, and reads back outputs of the given byte sizes (out_a, out_b,
-    /// report). Every buffer comes from and goes back to the pool.
+    /// One dispatch of `pipeline` with one workgroup per row: uploads `inputs` (params, valid
+    /// bits, in_a, in_b) and reads back outputs of the given byte sizes (out_a, out_b, report).
     fn dispatch(
         &self,
         pipeline: &wgpu::ComputePipeline,
@@ -212,87 +219,10 @@ impl GpuBackend {
         inputs: [&[u8]; 4],
         outputs: [u64; 3],
     ) -> Result<[Vec<u8>; 3]> {
-        let ctx = &self.ctx;
-        let size = |bytes: u64| bytes.max(4);
-        let ins: Vec<Pooled> = inputs
-            .iter()
-            .map(|data| ctx.take(BufferUse::Input, size(data.len() as u64)))
-            .collect();
-        let outs: Vec<Pooled> = outputs
-            .iter()
-            .map(|&bytes| ctx.take(BufferUse::Output, size(bytes)))
-            .collect();
-        // Each output lands in the staging buffer at an 8-byte aligned offset.
-        let offsets: Vec<u64> = outputs
-            .iter()
-            .scan(0u64, |at, &bytes| {
-                let here = *at;
-                *at += size(bytes).next_multiple_of(8);
-                Some(here)
-            })
-            .collect();
-        let staging_size = offsets[2] + size(outputs[2]).next_multiple_of(8);
-        let staging = ctx.take(BufferUse::Staging, staging_size);
-
-        let submitted = ctx.scoped(|| {
-            for (pooled, data) in ins.iter().zip(inputs) {
-                if !data.is_empty() {
-                    ctx.queue.write_buffer(&pooled.buffer, 0, data);
-                }
-            }
-            fn binding(i: u32, buffer: &wgpu::Buffer, bytes: u64) -> wgpu::BindGroupEntry<'_> {
-                wgpu::BindGroupEntry {
-                    binding: i,
-                    resource: wgpu::BindingResource::Buffer(wgpu::BufferBinding {
-                        buffer,
-                        offset: 0,
-                        size: wgpu::BufferSize::new(bytes.max(4)),
-                    }),
-                }
-            }
-            let mut entries = Vec::with_capacity(7);
-            for (i, (pooled, data)) in ins.iter().zip(inputs).enumerate() {
-                entries.push(binding(i as u32, &pooled.buffer, data.len() as u64));
-            }
-            for (i, (pooled, &bytes)) in outs.iter().zip(&outputs).enumerate() {
-                entries.push(binding(4 + i as u32, &pooled.buffer, bytes));
-            }
-            let bind_group = ctx.device.create_bind_group(&wgpu::BindGroupDescriptor {
-                label: Some("soft-topk bind group"),
-                layout: &self.kernels.layout,
-                entries: &entries,
-            });
-
-            let mut encoder = ctx
-                .device
-                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                    label: Some("soft-topk encoder"),
-                });
-            {
-                let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                    label: Some("soft-topk pass"),
-                    timestamp_writes: None,
-                });
-                pass.set_pipeline(pipeline);
-                pass.set_bind_group(0, &bind_group, &[]);
-                log::trace!("soft-topk: dispatch of {rows} rows");
-                pass.dispatch_workgroups(rows as u32, 1, 1);
-            }
-            for ((pooled, &bytes), &at) in outs.iter().zip(&outputs).zip(&offsets) {
-                if bytes > 0 {
-                    encoder.copy_buffer_to_buffer(&pooled.buffer, 0, &staging.buffer, at, bytes);
-                }
-            }
-            ctx.queue.submit([encoder.finish()]);
-        });
-        let result = submitted.and_then(|()| ctx.read_back(&staging.buffer, staging_size));
-        ctx.give_back(ins.into_iter().chain(outs).chain([staging]));
-        let bytes = result?;
-        let piece = |i: usize| {
-            let at = offsets[i] as usize;
-            bytes[at..at + outputs[i] as usize].to_vec()
-        };
-        Ok([piece(0), piece(1), piece(2)])
+        let [a, b, report] = outputs;
+        let resident = Resident::new(&self.ctx, &self.kernels.layout, inputs, [a, b, report, 0])?;
+        resident.run(&[(pipeline, (rows as u32, 1))])?;
+        resident.read([(OUT_A, a), (OUT_B, b), (REPORT, report)])
     }
 
     fn topk_exact_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
@@ -335,61 +265,6 @@ impl GpuBackend {
             let out = CpuBackend::new().forward(&row_op(op, r), &row_batch(batch, r)?)?;
             fwd.mask[r * n..(r + 1) * n].copy_from_slice(&out.mask);
             fwd.reports[r] = out.reports[0].clone();
-        }
-        Ok(fwd)
-    }
-
-    /// Sinkhorn (top-k or sorted) or dual Newton (sorted) through `transport_forward`.
-    fn transport_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
-        let (rows, n) = (batch.rows(), batch.n());
-        let sorted = op.variant == Variant::Sorted;
-        let k_max = if sorted { op.rank_slots(rows, n) } else { 0 };
-        if k_max > SORTED_K_MAX {
-            return Err(Error::InvalidOption(format!(
-                "the GPU's sorted variant takes k up to {SORTED_K_MAX} (its k×k systems live \
-                 in workgroup memory); k = {k_max} needs the CPU backend"
-            )));
-        }
-        let pipeline =
-            self.kernels.transport_forward.as_ref().ok_or_else(|| {
-                Error::InvalidOption("the GPU transport kernel is not built".into())
-            })?;
-        let prepared = rows::prepare(op, batch, k_max, Pass::Forward);
-        let mut fwd = Forward::zeros(rows, n, k_max, sorted);
-        for part in self.split(rows, n, op.variant, k_max)? {
-            let count = part.len();
-            let scores = &batch.scores()[part.start * n..part.end * n];
-            let [mask, ranks, report] = self.dispatch(
-                pipeline,
-                count,
-                [
-                    bytemuck::cast_slice(&prepared.params[part.clone()]),
-                    bytemuck::cast_slice(part_bits(&prepared, &part)),
-                    bytemuck::cast_slice(scores),
-                    &[],
-                ],
-                [
-                    (count * n * 4) as u64,
-                    (count * k_max * n * 4) as u64,
-                    (count * 16) as u64,
-                ],
-            )?;
-            fwd.mask[part.start * n..part.end * n].copy_from_slice(bytemuck::cast_slice(&mask));
-            if let Some(all) = fwd.ranks.as_mut() {
-                let span = part.start * k_max * n..part.end * k_max * n;
-                all[span].copy_from_slice(bytemuck::cast_slice(&ranks));
-            }
-            let report: &[u32] = bytemuck::cast_slice(&report);
-            for (i, r) in part.clone().enumerate() {
-                let mut rep = prepared.reports[r].clone();
-                if prepared.params[r].mode == MODE_SOLVE {
-                    let got = &report[i * 4..i * 4 + 4];
-                    rep.iterations = got[0];
-                    rep.converged = got[1] == 1;
-                    rep.marginal_error = f32::from_bits(got[2]) as f64;
-                }
-                fwd.reports.push(rep);
-            }
         }
         Ok(fwd)
     }

@@ -1,0 +1,121 @@
+//! The transport solve on the device: Sinkhorn (top-k and sorted) and dual Newton (sorted), a
+//! sequence of short dispatches over one resident part of the batch. shaders/plan.wgsl says
+//! why a solve is cut up; shaders/transport.wgsl lists the dispatches.
+
+use super::kernels::{chunk_count, work_bytes_per_row};
+use super::resident::{Resident, OUT_A, OUT_B, REPORT};
+use super::rows::{self, Pass, MODE_SOLVE};
+use super::{part_bits, GpuBackend, SORTED_K_MAX};
+use crate::error::{Error, Result};
+use crate::op::Variant;
+use crate::{Batch, Forward, SoftTopK};
+
+/// Evaluations (a chunked pass and a row step each) recorded in the first submission; later
+/// ones double up to [`MAX_BLOCK`]. The rows' running flags are read back between
+/// submissions: a Newton solve typically ends within the first block, and the paper's 200
+/// Sinkhorn sweeps take a handful of read-backs instead of 200.
+const FIRST_BLOCK: u32 = 8;
+const MAX_BLOCK: u32 = 64;
+/// Evaluations one Newton step may take: its trials (the line search halves a step up to 30
+/// times, `LINE_SEARCH_STEPS` in shaders/transport.wgsl), the fallback's measurement, slack.
+const EVALUATIONS_PER_STEP: u64 = 32;
+
+impl GpuBackend {
+    /// Sinkhorn (top-k or sorted) or dual Newton (sorted) for k up to [`SORTED_K_MAX`].
+    pub(super) fn transport_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
+        let (rows, n) = (batch.rows(), batch.n());
+        let sorted = op.variant == Variant::Sorted;
+        let k_max = if sorted { op.rank_slots(rows, n) } else { 0 };
+        if k_max > SORTED_K_MAX {
+            return Err(Error::InvalidOption(format!(
+                "the GPU's sorted variant takes k up to {SORTED_K_MAX} (its k×k systems live \
+                 in workgroup memory); k = {k_max} needs the CPU backend"
+            )));
+        }
+        let groups = self.ctx.limits.max_compute_workgroups_per_dimension;
+        if chunk_count(n) > groups {
+            return Err(Error::TooLarge(format!(
+                "a row of n = {n} needs {} workgroups in one dispatch; the device allows {groups}",
+                chunk_count(n)
+            )));
+        }
+        let prepared = rows::prepare(op, batch, k_max, Pass::Forward);
+        let mut fwd = Forward::zeros(rows, n, k_max, sorted);
+        let row_bytes = (n as u64 * 4 * k_max.max(1) as u64).max(work_bytes_per_row(n));
+        for part in rows::parts(rows, self.rows_per_part(n, row_bytes)?) {
+            let count = part.len();
+            let scores = &batch.scores()[part.start * n..part.end * n];
+            let report_bytes = (count * 16) as u64;
+            let resident = Resident::new(
+                &self.ctx,
+                &self.kernels.layout,
+                [
+                    bytemuck::cast_slice(&prepared.params[part.clone()]),
+                    bytemuck::cast_slice(part_bits(&prepared, &part)),
+                    bytemuck::cast_slice(scores),
+                    &[],
+                ],
+                [
+                    (count * n * 4) as u64,
+                    (count * k_max * n * 4) as u64,
+                    report_bytes,
+                    count as u64 * work_bytes_per_row(n),
+                ],
+            )?;
+            let k = &self.kernels;
+            let chunks = (chunk_count(n), count as u32);
+            let each_row = (1, count as u32);
+            let most_steps = prepared.params[part.clone()]
+                .iter()
+                .filter(|p| p.mode == MODE_SOLVE)
+                .map(|p| p.max_iterations)
+                .max()
+                .unwrap_or(0);
+            let cap = (most_steps as u64 + 1) * EVALUATIONS_PER_STEP;
+
+            let mut work = vec![(&k.transport_init, chunks), (&k.transport_start, each_row)];
+            let (mut done, mut block) = (0u64, FIRST_BLOCK);
+            loop {
+                for _ in 0..block {
+                    work.push((&k.transport_pass, chunks));
+                    work.push((&k.transport_step, each_row));
+                }
+                resident.run(&work)?;
+                work.clear();
+                done += block as u64;
+                let [report] = resident.read([(REPORT, report_bytes)])?;
+                let report: &[u32] = bytemuck::cast_slice(&report);
+                let running = report.chunks_exact(4).filter(|r| r[3] != 0).count();
+                log::trace!("soft-topk: {running} rows still running after {done} evaluations");
+                if running == 0 || done >= cap {
+                    break;
+                }
+                block = (block * 2).min(MAX_BLOCK);
+            }
+            resident.run(&[(&k.transport_finish, chunks)])?;
+            let [mask, ranks, report] = resident.read([
+                (OUT_A, (count * n * 4) as u64),
+                (OUT_B, (count * k_max * n * 4) as u64),
+                (REPORT, report_bytes),
+            ])?;
+
+            fwd.mask[part.start * n..part.end * n].copy_from_slice(bytemuck::cast_slice(&mask));
+            if let Some(all) = fwd.ranks.as_mut() {
+                let span = part.start * k_max * n..part.end * k_max * n;
+                all[span].copy_from_slice(bytemuck::cast_slice(&ranks));
+            }
+            let report: &[u32] = bytemuck::cast_slice(&report);
+            for (i, r) in part.clone().enumerate() {
+                let mut rep = prepared.reports[r].clone();
+                if prepared.params[r].mode == MODE_SOLVE {
+                    let got = &report[i * 4..i * 4 + 4];
+                    rep.iterations = got[0];
+                    rep.converged = got[1] == 1;
+                    rep.marginal_error = f32::from_bits(got[2]) as f64;
+                }
+                fwd.reports.push(rep);
+            }
+        }
+        Ok(fwd)
+    }
+}
