@@ -180,7 +180,14 @@ fn round(backend: &Arc<dyn Backend>, shared: &GpuSoftTopK, name: &str) {
     });
 }
 
+/// VmRSS is the whole process's: the tests take turns so that one's growth is not charged to
+/// the other.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn stress(backend: Arc<dyn Backend>) {
+    let _turn = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let name = backend.name();
     let shared = GpuSoftTopK::on(shared_op(), Arc::clone(&backend)).expect("shared operator");
     let start = vm_rss_kib();

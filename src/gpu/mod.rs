@@ -218,7 +218,7 @@ impl GpuBackend {
         rows: usize,
         inputs: [&[u8]; 4],
         outputs: [u64; 3],
-    ) -> Result<[Vec<u8>; 3]> {
+    ) -> Result<[Vec<u32>; 3]> {
         let [a, b, report] = outputs;
         let resident = Resident::new(&self.ctx, &self.kernels.layout, inputs, [a, b, report, 0])?;
         resident.run(&[(pipeline, (rows as u32, 1))])?;
@@ -261,11 +261,7 @@ impl GpuBackend {
                 }
             }
         }
-        for r in on_host {
-            let out = CpuBackend::new().forward(&row_op(op, r), &row_batch(batch, r)?)?;
-            fwd.mask[r * n..(r + 1) * n].copy_from_slice(&out.mask);
-            fwd.reports[r] = out.reports[0].clone();
-        }
+        forward_on_host(op, batch, &on_host, &mut fwd)?;
         Ok(fwd)
     }
 
@@ -338,6 +334,26 @@ fn host_rows(op: &SoftTopK, prepared: &mut rows::Prepared) -> Vec<usize> {
         }
     }
     on_host
+}
+
+/// Answers rows `on_host` of a forward on the CPU backend, into `fwd` (mask, ranks, report).
+fn forward_on_host(
+    op: &SoftTopK,
+    batch: &Batch,
+    on_host: &[usize],
+    fwd: &mut Forward,
+) -> Result<()> {
+    let (n, k_max) = (batch.n(), fwd.k_max);
+    for &r in on_host {
+        let out = CpuBackend::new().forward(&row_op(op, r), &row_batch(batch, r)?)?;
+        fwd.mask[r * n..(r + 1) * n].copy_from_slice(&out.mask);
+        if let (Some(all), Some(mine)) = (fwd.ranks.as_mut(), out.ranks.as_ref()) {
+            let slots = out.k_max.min(k_max);
+            all[r * k_max * n..(r * k_max + slots) * n].copy_from_slice(&mine[..slots * n]);
+        }
+        fwd.reports[r] = out.reports[0].clone();
+    }
+    Ok(())
 }
 
 /// Row `r` of a batch as a batch of its own, with its validity.

@@ -123,8 +123,9 @@ impl<'a> Resident<'a> {
     }
 
     /// Waits for the submitted work and reads back the first `bytes[i]` bytes of each output
-    /// binding `which[i]` (one of `OUT_A`, `OUT_B`, `REPORT`, `WORK`).
-    pub fn read<const N: usize>(&self, which: [(usize, u64); N]) -> Result<[Vec<u8>; N]> {
+    /// binding `which[i]` (`OUT_A`, `OUT_B` or `REPORT`), as 4-byte words (every output is
+    /// f32 or u32; words keep the casts aligned, even for an empty output).
+    pub fn read<const N: usize>(&self, which: [(usize, u64); N]) -> Result<[Vec<u32>; N]> {
         let ctx = self.ctx;
         // Each output lands in the staging buffer at an 8-byte aligned offset.
         let offsets: Vec<u64> = which
@@ -161,7 +162,7 @@ impl<'a> Resident<'a> {
         let bytes = result?;
         Ok(std::array::from_fn(|i| {
             let (at, len) = (offsets[i] as usize, which[i].1 as usize);
-            bytes[at..at + len].to_vec()
+            bytemuck::pod_collect_to_vec(&bytes[at..at + len])
         }))
     }
 }

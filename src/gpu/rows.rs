@@ -31,10 +31,11 @@ pub const COTANGENT_RANKS: u32 = 1;
 pub const GPU_AUTO_TOLERANCE: f64 = 1e-5;
 
 /// The default sorted solve's tolerance also covers this many f32 roundings (2^-24 relative)
-/// of the row's scaled range |u_max − u_min| = range·2/(s·ε): every logit carries such a
-/// rounding, which moves the plan's column sums by as much and puts a floor under the
-/// marginal error f32 can reach (about 2.4e-5 at a scaled range of 200, i.e. ε = 0.01 on
-/// scores in [−1, 1]).
+/// of the scaled spread of the scores that decide the plan, the k + 1 largest, (v_max −
+/// v_(k+1))·2/(s·ε): every logit carries such a rounding, which moves the plan's column sums
+/// by as much and puts a floor under the marginal error f32 can reach (about 2.4e-5 at a
+/// scaled spread of 200, i.e. ε = 0.01 on scores in [−1, 1]). Scores further down sit deep in
+/// the last anchor, where their rounding moves nothing.
 pub const GPU_AUTO_RANGE_ROUNDINGS: f64 = 16.0;
 
 /// One row's parameters. Mirrors `RowParams` in shaders/common.wgsl field for field (all
@@ -202,14 +203,10 @@ fn row_params(op: &SoftTopK, spec: &RowSpec, n: usize, k_max: usize, pass: Pass)
                     tolerance,
                     max_iterations,
                 } => (SOLVER_NEWTON, tolerance, max_iterations),
+                // The transport host raises the tolerance to its f32 floor (see
+                // GPU_AUTO_RANGE_ROUNDINGS), which needs the row's order statistics.
                 Solver::Auto | Solver::Exact => {
-                    let scaled_range = (v_max - v_min) * 2.0 / (spec.scale * op.epsilon);
-                    let floor = GPU_AUTO_RANGE_ROUNDINGS * scaled_range * f32::EPSILON as f64 / 2.0;
-                    (
-                        SOLVER_NEWTON,
-                        GPU_AUTO_TOLERANCE.max(floor),
-                        DEFAULT_NEWTON_ITERATIONS,
-                    )
+                    (SOLVER_NEWTON, GPU_AUTO_TOLERANCE, DEFAULT_NEWTON_ITERATIONS)
                 }
             };
             p.solver = solver;

@@ -20,6 +20,16 @@ pub fn topk_backward(mask: &[f64], grad_mask: &[f64], factor: f64) -> Vec<f64> {
         .collect()
 }
 
+/// The damping a sorted backward adds to J's diagonal when its plan was rounded to f32 (the
+/// forward output of every backend). Such a plan keeps a nearly hard item's leftover mass
+/// 1 − Σ_j P[j][i] only to the f32 rounding of the ranks' sum (~k·6e-8, where f64 has 1e-90,
+/// say), which gives c a component along J's near-null directions (a block of anchors that
+/// barely exchanges mass with the rest); 1e-10 relative damping then turned 6e-8 of noise into
+/// gradients of 10 on rows whose true gradient is 1e-12. J's entries are at most 1 (a ranked
+/// column sums to 1), so damping at the plan's own noise level leaves those directions O(g)
+/// and moves a well-determined direction (eigenvalue ≳ 0.01) by ≲ 1e-4 of itself.
+pub const ROUNDED_PLAN_DAMPING: f64 = 1e-6;
+
 /// Sorted: implicit differentiation of the optimality conditions (MATH.md §5).
 ///
 /// `ranks[j][i]` is the forward output `P[j][i]` on the valid entries, `grad_ranks[j][i]` is
@@ -34,11 +44,15 @@ pub fn topk_backward(mask: &[f64], grad_mask: &[f64], factor: f64) -> Vec<f64> {
 /// ```
 ///
 /// A singular or ill-conditioned J (a saturated row) gives a zero gradient.
+///
+/// `floor` is added to J's diagonal before the solve: 0 for a plan known to f64, and
+/// [`ROUNDED_PLAN_DAMPING`] for a plan rounded to f32 (see there).
 pub fn sorted_backward(
     ranks: &[Vec<f64>],
     grad_ranks: &[Vec<f64>],
     anchors: &[f64],
     factor: f64,
+    floor: f64,
 ) -> Vec<f64> {
     let k = ranks.len();
     let n = ranks.first().map_or(0, Vec::len);
@@ -70,6 +84,7 @@ pub fn sorted_backward(
 
     // Steps 2–3: β = J⁻¹ (c − P̃ᵀ r), then α.
     let mut jac = column_jacobian(&p, m);
+    (0..free).for_each(|j| jac[j * free + j] += floor);
     if !solve_psd(&mut jac, &mut beta, free) {
         return vec![0.0; n];
     }

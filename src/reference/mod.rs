@@ -12,7 +12,7 @@
 mod backward;
 mod solve;
 
-pub use backward::{sorted_backward, topk_backward};
+pub use backward::{sorted_backward, topk_backward, ROUNDED_PLAN_DAMPING};
 pub use solve::{exact_threshold, sinkhorn, sorted_newton, Plan};
 
 use crate::batch::check_row_values;
@@ -215,6 +215,22 @@ pub fn backward_row<T: Copy + Into<f64>>(
     ranks: &[Vec<f64>],
     cotangent: RowCotangent,
 ) -> Vec<f64> {
+    backward_row_damped(op, row, scores, valid, mask, ranks, cotangent, 0.0)
+}
+
+/// [`backward_row`] with `floor` added to the sorted backward's k×k diagonal (see
+/// [`ROUNDED_PLAN_DAMPING`]).
+#[allow(clippy::too_many_arguments)]
+fn backward_row_damped<T: Copy + Into<f64>>(
+    op: &SoftTopK,
+    row: usize,
+    scores: &[T],
+    valid: Option<&[bool]>,
+    mask: &[f64],
+    ranks: &[Vec<f64>],
+    cotangent: RowCotangent,
+    floor: f64,
+) -> Vec<f64> {
     let RowCotangent {
         mask: grad_mask,
         ranks: grad_ranks,
@@ -257,7 +273,7 @@ pub fn backward_row<T: Copy + Into<f64>>(
                     gj
                 })
                 .collect();
-            sorted_backward(&p, &g, &anchors, factor)
+            sorted_backward(&p, &g, &anchors, factor, floor)
         }
     };
     let sign = op.direction.sign();
@@ -302,7 +318,7 @@ pub(crate) fn backward_into(
         Cotangent::Mask(g) => (Some(widen(g)), None),
         Cotangent::Ranks(g) => (None, Some(g.chunks_exact(n).map(widen).collect::<Vec<_>>())),
     };
-    let g = backward_row(
+    let g = backward_row_damped(
         op,
         r,
         batch.row(r),
@@ -313,6 +329,7 @@ pub(crate) fn backward_into(
             mask: g_mask.as_deref(),
             ranks: g_ranks.as_deref(),
         },
+        ROUNDED_PLAN_DAMPING,
     );
     narrow(grad, &g);
 }
