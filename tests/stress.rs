@@ -17,6 +17,11 @@ const CALLS_PER_THREAD: usize = 200;
 /// f32 top-k against the f64 reference, as in cpu_parity.rs: σ to a few ulp and the threshold
 /// stopped at the f32 sum's noise, ≈ 6e-8·√n ≤ 1e-6 here.
 const MASK_TOLERANCE: f32 = 1e-5;
+/// The GPU solves the sorted variant in f32, where every scaled score u = 2(x − c)/(s·ε)
+/// carries a rounding of |u|·2^-24 that moves plan entries by as much (σ' ≤ 1/4, a few such
+/// roundings per logit gap): sorted rows allow this many units of (range/(s·ε))·2^-24 on top
+/// of MASK_TOLERANCE, as tests/gpu_sorted.rs does (the CPU backend solves them in f64).
+const SORTED_RANGE_ROUNDINGS: f32 = 8.0;
 /// Gradient error per unit of mask error, per unit of 2/(s·ε)·max|g| (see cpu_parity.rs).
 const GRAD_ERROR_PER_MASK_ERROR: f32 = 4.0;
 /// A second round of the same calls may grow the resident set by at most this much. The
@@ -117,10 +122,19 @@ fn run_and_check(call: &Call, backend: &Arc<dyn Backend>, shared: &GpuSoftTopK, 
             want.reports[0].error.as_ref().map(|e| e.kind()),
             "{label}, row {r}: row errors differ"
         );
+        let finite = row.iter().filter(|v| v.is_finite());
+        let range = finite.clone().fold(f32::MIN, |a, &b| a.max(b))
+            - finite.fold(f32::MAX, |a, &b| a.min(b));
+        let tolerance = if op.variant == Variant::Sorted && range > 0.0 {
+            let scaled_range = range * 2.0 / op.epsilon as f32;
+            MASK_TOLERANCE + SORTED_RANGE_ROUNDINGS * scaled_range * f32::EPSILON / 2.0
+        } else {
+            MASK_TOLERANCE
+        };
         let mask = fwd.mask_row(r);
         let (err, at) = worst(mask, want.mask_row(0));
         assert!(
-            err <= MASK_TOLERANCE,
+            err <= tolerance,
             "{label}, row {r} ({:?}, n = {n}): mask error {err:e} at {at}",
             op.variant
         );
@@ -129,14 +143,14 @@ fn run_and_check(call: &Call, backend: &Arc<dyn Backend>, shared: &GpuSoftTopK, 
                 let got = fwd.rank_row(r, j).expect("ranks");
                 let (err, at) = worst(got, want.rank_row(0, j).expect("reference ranks"));
                 assert!(
-                    err <= MASK_TOLERANCE,
+                    err <= tolerance,
                     "{label}, row {r}: rank {j} error {err:e} at {at}"
                 );
             }
         }
         let factor = 2.0 / op.epsilon;
         let g_max = g_row.iter().fold(0.0f32, |m, g| m.max(g.abs()));
-        let allowed = GRAD_ERROR_PER_MASK_ERROR * MASK_TOLERANCE * factor as f32 * g_max;
+        let allowed = GRAD_ERROR_PER_MASK_ERROR * tolerance * factor as f32 * g_max;
         let (err, at) = worst(&grad[r * n..(r + 1) * n], &want_grad);
         assert!(
             err <= allowed,
