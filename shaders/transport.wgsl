@@ -327,13 +327,27 @@ fn save_state(row: u32, base: u32) {
     report[row * 4u + 3u] = select(1u, 0u, phase == PHASE_DONE);
 }
 
-// One round of a workgroup's search for the m largest values: each lane offers its largest
-// value below the last round's (`best`, seen `count` times); thread 0 appends the largest
-// offer to `top_u` as often as it occurs, up to m in all. Workgroup-uniform; the caller's
+// A lane's offer in one round of the search for the m largest values: its largest value
+// below the last round's, and how often it saw it.
+struct Offer {
+    best: f32,
+    count: u32,
+}
+
+// The offer after seeing u, in a round that takes values below `below` (any in the first).
+fn consider(o: Offer, u: f32, filled: u32, below: f32) -> Offer {
+    if ((filled > 0u && u >= below) || u < o.best) {
+        return o;
+    }
+    return Offer(u, select(1u, o.count + 1u, u == o.best));
+}
+
+// One round of a workgroup's search for the m largest values: thread 0 appends the largest
+// lane offer to `top_u` as often as it occurs, up to m in all. Workgroup-uniform; the caller's
 // uniform load of `top_stop` is the barrier after it.
-fn top_round(t: u32, best: f32, count: u32, m: u32) {
-    lane_max[t] = best;
-    lane_count[t] = count;
+fn top_round(t: u32, lane: Offer, m: u32) {
+    lane_max[t] = lane.best;
+    lane_count[t] = lane.count;
     // Every lane's offer is in place before thread 0 merges them.
     workgroupBarrier();
     if (t == 0u) {
@@ -396,18 +410,13 @@ fn transport_init(
         }
         let filled = top_filled;
         let below = top_below;
-        var best = -HUGE;
-        var count = 0u;
+        var lane = Offer(-HUGE, 0u);
         for (var i = start + t; i < end; i += WG) {
             if (is_valid(row, p.n, i)) {
-                let u = scaled(p, row, i);
-                if ((filled == 0u || u < below) && u >= best) {
-                    count = select(1u, count + 1u, u == best);
-                    best = u;
-                }
+                lane = consider(lane, scaled(p, row, i), filled, below);
             }
         }
-        top_round(t, best, count, m);
+        top_round(t, lane, m);
     }
     if (t == 0u) {
         let at = partial_base(row, p.n, wid.x);
@@ -454,21 +463,14 @@ fn transport_start(
             }
             let filled = top_filled;
             let below = top_below;
-            var best = -HUGE;
-            var count = 0u;
+            var lane = Offer(-HUGE, 0u);
             for (var e = t; e < chunks * m; e += WG) {
-                let c = e / m;
-                let j = e % m;
-                let at = partial_base(row, p.n, c);
-                if (f32(j) < work[at + P_EXTRA]) {
-                    let u = work[at + P_COLUMNS + j];
-                    if ((filled == 0u || u < below) && u >= best) {
-                        count = select(1u, count + 1u, u == best);
-                        best = u;
-                    }
+                let at = partial_base(row, p.n, e / m);
+                if (f32(e % m) < work[at + P_EXTRA]) {
+                    lane = consider(lane, work[at + P_COLUMNS + e % m], filled, below);
                 }
             }
-            top_round(t, best, count, m);
+            top_round(t, lane, m);
         }
         if (t == 0u) {
             let last = min(m, p.n_valid) - 1u;
