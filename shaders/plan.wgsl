@@ -214,7 +214,18 @@ fn damped_solve(free: u32) -> bool {
             jac[packed(i, j)] = v / d;
         }
     }
-    // L z = rhs, then Lᵀ x = z.
+    factor_solve(free);
+    for (var j = 0u; j < free; j++) {
+        if (!(abs(rhs[j]) < HUGE)) {
+            return false;
+        }
+    }
+    return true;
+}
+
+// Thread 0: solves L Lᵀ x = rhs in place (x into `rhs`) with the Cholesky factor L that
+// `damped_solve` left in `jac`: L z = rhs, then Lᵀ x = z.
+fn factor_solve(free: u32) {
     for (var i = 0u; i < free; i++) {
         var v = rhs[i];
         for (var q = 0u; q < i; q++) {
@@ -230,10 +241,4 @@ fn damped_solve(free: u32) -> bool {
         }
         rhs[i] = v / jac[packed(i, i)];
     }
-    for (var j = 0u; j < free; j++) {
-        if (!(abs(rhs[j]) < HUGE)) {
-            return false;
-        }
-    }
-    return true;
 }

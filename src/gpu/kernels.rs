@@ -20,6 +20,9 @@ pub const PLAN_WGSL: &str = include_str!("../../shaders/plan.wgsl");
 /// Transport: Sinkhorn (top-k and sorted) and dual Newton (sorted), as a sequence of short
 /// dispatches driven by src/gpu/transport.rs.
 pub const TRANSPORT_WGSL: &str = include_str!("../../shaders/transport.wgsl");
+/// The sorted backward (implicit differentiation of the plan), three dispatches driven by
+/// src/gpu/sorted_backward.rs.
+pub const SORTED_BACKWARD_WGSL: &str = include_str!("../../shaders/sorted_backward.wgsl");
 
 /// Scores per workgroup of the chunked kernels. Must equal `CHUNK` in shaders/plan.wgsl.
 pub const CHUNK: u32 = 1024;
@@ -57,6 +60,10 @@ pub(crate) struct Kernels {
     pub transport_pass: wgpu::ComputePipeline,
     pub transport_step: wgpu::ComputePipeline,
     pub transport_finish: wgpu::ComputePipeline,
+    /// The sorted backward's dispatches, in order.
+    pub sorted_backward_pass: wgpu::ComputePipeline,
+    pub sorted_backward_solve: wgpu::ComputePipeline,
+    pub sorted_backward_finish: wgpu::ComputePipeline,
 }
 
 /// A family's full source: its files joined in order (the shared helpers first).
@@ -96,6 +103,11 @@ impl Kernels {
             "soft-topk transport.wgsl",
             &[COMMON_WGSL, PLAN_WGSL, TRANSPORT_WGSL],
         );
+        let sorted_backward = module(
+            device,
+            "soft-topk sorted_backward.wgsl",
+            &[COMMON_WGSL, PLAN_WGSL, SORTED_BACKWARD_WGSL],
+        );
         let pipeline = |module: &wgpu::ShaderModule, entry: &str| {
             log::debug!("soft-topk: building pipeline {entry}");
             device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
@@ -113,6 +125,9 @@ impl Kernels {
             transport_pass: pipeline(&transport, "transport_pass"),
             transport_step: pipeline(&transport, "transport_step"),
             transport_finish: pipeline(&transport, "transport_finish"),
+            sorted_backward_pass: pipeline(&sorted_backward, "sorted_backward_pass"),
+            sorted_backward_solve: pipeline(&sorted_backward, "sorted_backward_solve"),
+            sorted_backward_finish: pipeline(&sorted_backward, "sorted_backward_finish"),
             topk_forward: pipeline(&topk, "topk_forward"),
             topk_backward: pipeline(&topk, "topk_backward"),
             layout,

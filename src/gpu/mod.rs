@@ -9,17 +9,18 @@
 //! One workgroup solves one row. A batch whose buffers exceed the device's storage-binding
 //! size, buffer size or dispatch limits is split by rows into parts run one after another.
 //!
-//! What runs here: the exact top-k forward and backward. With `SOFT_TOPK_EXPERIMENTAL_TRANSPORT`
-//! set, also top-k Sinkhorn and the sorted forward (dual Newton or Sinkhorn) for k up to
-//! [`SORTED_K_MAX`] (N.B. experimental: on lavapipe its loop still ends early on some rows of
-//! n = 1000). Handed to the CPU backend through the same calls (said once in the log):
-//! everything else, including the sorted backward (no kernel yet).
+//! What runs here: the exact top-k forward and backward, and the sorted backward for k up to
+//! [`SORTED_K_MAX`]. With `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` set, also top-k Sinkhorn and the
+//! sorted forward (dual Newton or Sinkhorn) for k up to [`SORTED_K_MAX`] (N.B. experimental:
+//! on lavapipe its loop still ends early on some rows of n = 1000). Handed to the CPU backend
+//! through the same calls (said once in the log): everything else.
 //! [`GpuBackend::with_cpu_fallback`] turns the hand-off into an error.
 
 mod context;
 pub mod kernels;
 mod resident;
 mod rows;
+mod sorted_backward;
 mod transport;
 
 use std::ops::Range;
@@ -156,9 +157,15 @@ impl GpuBackend {
         exact || transport
     }
 
-    /// Whether this backend's own kernels answer a backward of `op` with `cotangent`.
+    /// Whether this backend's own kernels answer a backward of `op` with `cotangent`: the
+    /// top-k with a mask cotangent, and the sorted variant (either cotangent) when no row's k
+    /// passes [`SORTED_K_MAX`].
     pub fn runs_backward_on_gpu(&self, op: &SoftTopK, cotangent: &Cotangent) -> bool {
-        op.variant == Variant::TopK && matches!(cotangent, Cotangent::Mask(_))
+        match op.variant {
+            Variant::TopK => matches!(cotangent, Cotangent::Mask(_)),
+            // Every row's k: a checked per-row list has exactly one per row.
+            Variant::Sorted => op.k_max(usize::MAX) <= SORTED_K_MAX,
+        }
     }
 
     /// The CPU hand-off, or its refusal when the fallback is off.
@@ -370,9 +377,9 @@ static FALLBACK_NOTICE: Once = Once::new();
 fn cpu_fallback_notice() {
     FALLBACK_NOTICE.call_once(|| {
         log::warn!(
-            "soft-topk: the sorted variant (its backward always; its forward with k above \
-             {SORTED_K_MAX} or without SOFT_TOPK_EXPERIMENTAL_TRANSPORT) and top-k Sinkhorn \
-             run on the CPU backend; the GPU runs the exact top-k"
+            "soft-topk: the sorted variant with k above {SORTED_K_MAX} (its forward also \
+             without SOFT_TOPK_EXPERIMENTAL_TRANSPORT) and top-k Sinkhorn run on the CPU \
+             backend; the GPU runs the exact top-k and the sorted backward"
         )
     });
 }
@@ -419,8 +426,11 @@ impl Backend for GpuBackend {
         self.ctx.check_alive()?;
         match (op.variant, cotangent) {
             (Variant::TopK, Cotangent::Mask(g)) => self.topk_backward(op, batch, forward, g),
+            (Variant::Sorted, _) if self.runs_backward_on_gpu(op, &cotangent) => {
+                self.sorted_backward(op, batch, forward, cotangent)
+            }
             _ => {
-                self.fallback_allowed("the sorted backward")?;
+                self.fallback_allowed("this backward (see the module notes)")?;
                 CpuBackend::new().backward(op, batch, forward, cotangent)
             }
         }

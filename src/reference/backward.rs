@@ -73,6 +73,15 @@ pub fn sorted_backward(
             p[i * m + k] = (1.0 - (0..k).map(|j| ranks[j][i]).sum::<f64>()).max(0.0);
         }
     }
+    // Each plan row sums to 1, up to the rounding of ranks given in f32 (~1e-7). J is singular
+    // along a block of exactly tied items (nearly so on a nearly hard row), where only the
+    // damping holds β and that defect alone moves it, by defect/damping: gradients of 1e4
+    // where the exact plan's is ~0. Adding the defect to the row's largest entry removes it.
+    for row in p.chunks_exact_mut(m) {
+        let defect = 1.0 - row.iter().sum::<f64>();
+        let big = (0..m).fold(0, |b, j| if row[j] > row[b] { j } else { b });
+        row[big] += defect;
+    }
 
     // Step 1: W = g ⊙ P, its row sums r and its first m − 1 column sums c.
     let free = m - 1;
