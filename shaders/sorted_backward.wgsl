@@ -28,6 +28,11 @@
 // or a nearly hard row whose exchanges are as small as the defect), only the damping holds β
 // along that direction, and a defect would move it there by defect/damping.
 
+// Mirrors `reference::ROUNDED_PLAN_DAMPING` (src/reference/backward.rs): added to J's diagonal
+// because an f32 plan knows a nearly hard item's leftover mass only to its rounding, which
+// would otherwise move β along J's near-null directions by that noise over the damping.
+const ROUNDED_PLAN_DAMPING: f32 = 1e-6;
+
 // Which cotangent in_b holds; mirrors `COTANGENT_*` in src/gpu/rows.rs.
 const COTANGENT_MASK: u32 = 0u;
 const COTANGENT_RANKS: u32 = 1u;
@@ -223,6 +228,11 @@ fn sorted_backward_solve(
     // The row's sums are complete before thread 0 solves with them.
     workgroupBarrier();
     if (t == 0u) {
+        // The plan came rounded to f32, as the reference's does in its backward: the same
+        // damping at the plan's noise level (see ROUNDED_PLAN_DAMPING), refined towards.
+        for (var j = 0u; j < free; j++) {
+            jac[packed(j, j)] += ROUNDED_PLAN_DAMPING;
+        }
         let ok = refined_solve(free);
         let base = row_base(row, p.n);
         for (var j = 0u; j < M_MAX; j++) {
