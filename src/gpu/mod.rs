@@ -6,15 +6,21 @@
 //!   built once per backend.
 //! - `rows`: per-row checks and parameters, validity bits, the split into parts.
 //!
-//! One workgroup solves one row. A batch whose buffers exceed the device's storage-binding
-//! size, buffer size or dispatch limits is split by rows into parts run one after another.
+//! - `resident`: one part of a batch bound on the device for a sequence of dispatches.
+//! - `transport`, `sorted_backward`: the host side of the chunked kernels.
 //!
-//! What runs here: the exact top-k forward and backward, and the sorted backward for k up to
-//! [`SORTED_K_MAX`]. With `SOFT_TOPK_EXPERIMENTAL_TRANSPORT` set, also top-k Sinkhorn and the
-//! sorted forward (dual Newton or Sinkhorn) for k up to [`SORTED_K_MAX`] (N.B. experimental:
-//! on lavapipe its loop still ends early on some rows of n = 1000). Handed to the CPU backend
-//! through the same calls (said once in the log): everything else.
-//! [`GpuBackend::with_cpu_fallback`] turns the hand-off into an error.
+//! The exact top-k runs one workgroup per row in one dispatch. The transport solve (top-k
+//! Sinkhorn, the sorted forward by dual Newton or Sinkhorn) and the sorted backward cut each
+//! row into chunks and run as sequences of short dispatches (shaders/plan.wgsl says why). A
+//! batch whose buffers exceed the device's storage-binding size, buffer size or dispatch
+//! limits is split by rows into parts run one after another.
+//!
+//! What runs here: everything, forward and backward, for the sorted variant with k up to
+//! [`SORTED_K_MAX`] (its k×k systems live in workgroup memory). Handed to the CPU backend
+//! through the same calls (said once in the log): the sorted variant with a larger k, and rows
+//! f32 cannot carry (ε so small that 2/(s·ε) leaves f32's range, say), which go to the f64
+//! reference as on the CPU backend. [`GpuBackend::with_cpu_fallback`] turns the first hand-off
+//! into an error.
 
 mod context;
 pub mod kernels;
@@ -377,9 +383,8 @@ static FALLBACK_NOTICE: Once = Once::new();
 fn cpu_fallback_notice() {
     FALLBACK_NOTICE.call_once(|| {
         log::warn!(
-            "soft-topk: the sorted variant with k above {SORTED_K_MAX} (its forward also \
-             without SOFT_TOPK_EXPERIMENTAL_TRANSPORT) and top-k Sinkhorn run on the CPU \
-             backend; the GPU runs the exact top-k and the sorted backward"
+            "soft-topk: the sorted variant with k above {SORTED_K_MAX} runs on the CPU \
+             backend (the GPU's k×k systems live in workgroup memory)"
         )
     });
 }
