@@ -19,8 +19,8 @@
 //! [`SORTED_K_MAX`] (its k×k systems live in workgroup memory). Handed to the CPU backend
 //! through the same calls (said once in the log): the sorted variant with a larger k, and rows
 //! f32 cannot carry (ε so small that 2/(s·ε) leaves f32's range, say), which go to the f64
-//! reference as on the CPU backend. [`GpuBackend::with_cpu_fallback`] turns the first hand-off
-//! into an error.
+//! reference as on the CPU backend. [`GpuBackend::with_cpu_fallback`] turns the large-k
+//! hand-off into an error.
 
 mod context;
 pub mod kernels;
