@@ -35,6 +35,17 @@ while awk -v l="$(load1)" -v m="$max_load" 'BEGIN { exit !(l >= m) }'; do
     sleep 20
 done
 
+# Our own threads lift the load average to about 2 while they time, so the load alone cannot
+# say whether something else ran: every 5 s, note each process above 20% of a core.
+monitor() {
+    while sleep 5; do
+        top -bn1 -w 200 | awk -v t="$(date +%T)" 'NR > 7 && $9 > 20 { print t, $9, $12 }'
+    done
+}
+monitor > "$out/top.txt" &
+monitor_pid=$!
+trap 'kill "$monitor_pid" 2>/dev/null' EXIT
+
 # Ours, then the alternatives, back to back; the load before, between and after is kept.
 echo "before:  $(uptime)" | tee -a "$out/uptime.txt"
 cargo run --quiet --release --example bench_report -- --no-gpu --topk "${quick[@]}" \
@@ -42,6 +53,10 @@ cargo run --quiet --release --example bench_report -- --no-gpu --topk "${quick[@
 echo "between: $(uptime)" | tee -a "$out/uptime.txt"
 "$venv/bin/python" benches/compare/alternatives.py "${quick[@]}" | tee "$out/alternatives.jsonl"
 echo "after:   $(uptime)" | tee -a "$out/uptime.txt"
+kill "$monitor_pid" 2>/dev/null || true
+others=$(grep -cvE ' (python|bench_report|cargo|top)$' "$out/top.txt" || true)
+echo "processes not ours above 20% CPU: $others samples (every 5 s, in top.txt)" \
+    | tee -a "$out/uptime.txt"
 
 echo
 "$venv/bin/python" benches/compare/table.py "$out/ours.jsonl" "$out/alternatives.jsonl" \
