@@ -3,6 +3,7 @@
 //! ```text
 //! cargo run --release --example bench_report               # CPU (and GPU when present)
 //! cargo run --release --example bench_report -- --quick    # small sizes only
+//! cargo run --release --example bench_report -- --no-gpu --topk  # what benches/compare runs
 //! ```
 //!
 //! Each line: backend, adapter, variant, solver, rows, n, k, ε, the median seconds of the
@@ -35,6 +36,13 @@ struct Args {
     /// ε of every configuration.
     #[arg(long, default_value_t = 0.01)]
     epsilon: f64,
+    /// Skip the GPU backend even when an adapter exists (a software adapter such as llvmpipe
+    /// takes minutes and measures nothing the CPU comparison needs).
+    #[arg(long)]
+    no_gpu: bool,
+    /// Only the top-k configurations, no sorted ones.
+    #[arg(long)]
+    topk: bool,
 }
 
 fn median_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
@@ -83,7 +91,7 @@ fn configs(args: &Args, gpu: bool) -> Vec<Config> {
                 n,
             });
         }
-        if rows * n <= 64 * 1000 {
+        if rows * n <= 64 * 1000 && !args.topk {
             for k in [4, 16] {
                 let sorted = SoftTopK::new(k, args.epsilon).sorted();
                 list.push(Config {
@@ -192,7 +200,12 @@ fn main() {
     let args = Args::parse();
     let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
     let mut copy_gb_per_s = None;
-    match GpuBackend::shared() {
+    let gpu = if args.no_gpu {
+        Err("skipped (--no-gpu)".to_string())
+    } else {
+        GpuBackend::shared().map_err(|e| e.to_string())
+    };
+    match gpu {
         Ok(gpu) => {
             copy_gb_per_s = copy_bandwidth(args.repeats);
             eprintln!("{}: copy kernel {:?} GB/s", gpu.name(), copy_gb_per_s);
