@@ -131,7 +131,15 @@ impl RowSpec {
 ///
 /// The op itself (ε, per-row k length) is checked once per call by [`SoftTopK::check`].
 pub fn check_row(op: &SoftTopK, batch: &Batch, r: usize) -> Result<RowSpec> {
-    check_row_values(op, r, batch.row(r), batch.valid_row(r))
+    let (row, valid) = (batch.row(r), batch.valid_row(r));
+    if valid.is_none() && op.k_of(r) <= row.len() {
+        // The common row, every entry finite, in one vectorised pass; a row with an exclusion
+        // or a bad value takes the full loop below, which says which entry and why.
+        if let Some((x_min, x_max)) = crate::cpu::kernels::finite_range(row) {
+            return row_spec(op, r, row.len(), x_min as f64, x_max as f64);
+        }
+    }
+    check_row_values(op, r, row, valid)
 }
 
 /// [`check_row`] for one row given as values (f32 or f64) and an optional validity mask.
@@ -182,8 +190,12 @@ pub fn check_row_values<T: Copy + Into<f64>>(
     if n_valid == 0 {
         (x_min, x_max) = (0.0, 0.0);
     }
+    row_spec(op, r, n_valid, x_min, x_max)
+}
 
-    let k = k_requested.min(n_valid);
+/// The spec of row `r` with `n_valid` valid entries in [x_min, x_max]; k ≤ n already checked.
+fn row_spec(op: &SoftTopK, r: usize, n_valid: usize, x_min: f64, x_max: f64) -> Result<RowSpec> {
+    let k = op.k_of(r).min(n_valid);
     let scale = match op.scale {
         Scale::None => 1.0,
         Scale::Max => {

@@ -108,46 +108,43 @@ fn sorted_matches_the_reference() {
 
 #[test]
 fn ties_exclusions_and_per_row_k() {
-    // Row 0: ties at the threshold; row 1: −∞ and masked-out entries; row 2: all equal.
-    let scores = [
-        1.0,
-        2.0,
-        2.0,
-        2.0,
-        3.0,
-        0.0, //
-        f32::NEG_INFINITY,
-        0.5,
-        0.2,
-        f32::NAN,
-        0.9,
-        0.1, //
-        4.0,
-        4.0,
-        4.0,
-        4.0,
-        4.0,
-        4.0,
-    ];
-    let valid = [
-        true, true, true, true, true, true, true, true, true, false, true, true,
-    ]
-    .into_iter()
-    .chain([true; 6])
-    .collect::<Vec<bool>>();
-    let batch = Batch::new(&scores, 3, 6)
-        .unwrap()
-        .with_valid(&valid)
-        .unwrap();
-    let op = SoftTopK::new(0, 0.05).per_row_k(vec![3, 2, 4]);
-    let g: Vec<f32> = (0..18).map(|i| (i as f32 * 0.37).sin()).collect();
-    compare(&op, &batch, &g, "ties, exclusions, per-row k");
+    // Row 0: ties at the threshold; row 1: an excluded infinity and a masked-out entry; row 2:
+    // all equal. Both directions: a row with exclusions is solved on its gathered entries,
+    // in largest orientation, which is where a smallest-mode row once got a wrong bracket.
+    for direction in [Direction::Largest, Direction::Smallest] {
+        let excluded = match direction {
+            Direction::Largest => f32::NEG_INFINITY,
+            Direction::Smallest => f32::INFINITY,
+        };
+        #[rustfmt::skip]
+        let scores = [
+            1.0, 2.0, 2.0, 2.0, 3.0, 0.0,
+            excluded, 0.5, 0.2, f32::NAN, 0.9, 0.1,
+            4.0, 4.0, 4.0, 4.0, 4.0, 4.0,
+        ];
+        let mut valid = [true; 18];
+        valid[9] = false;
+        let batch = Batch::new(&scores, 3, 6)
+            .unwrap()
+            .with_valid(&valid)
+            .unwrap();
+        let op = SoftTopK::new(0, 0.05)
+            .per_row_k(vec![3, 2, 4])
+            .direction(direction);
+        let g: Vec<f32> = (0..18).map(|i| (i as f32 * 0.37).sin()).collect();
+        compare(
+            &op,
+            &batch,
+            &g,
+            &format!("ties, exclusions, per-row k, {direction:?}"),
+        );
 
-    let out = CpuBackend::new().forward(&op, &batch).unwrap();
-    assert_eq!(out.mask[6], 0.0, "an excluded −∞ gets 0");
-    assert_eq!(out.mask[9], 0.0, "a masked-out NaN gets 0");
-    for &a in &out.mask[12..18] {
-        assert!((a - 4.0 / 6.0).abs() < 1e-6, "all-equal row: {a}");
+        let out = CpuBackend::new().forward(&op, &batch).unwrap();
+        assert_eq!(out.mask[6], 0.0, "an excluded infinity gets 0");
+        assert_eq!(out.mask[9], 0.0, "a masked-out NaN gets 0");
+        for &a in &out.mask[12..18] {
+            assert!((a - 4.0 / 6.0).abs() < 1e-6, "all-equal row: {a}");
+        }
     }
 }
 

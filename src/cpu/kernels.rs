@@ -4,8 +4,8 @@
 //! Each loop is written over fixed-width lanes (`LANES` independent accumulators) so that
 //! LLVM can vectorise it without reassociating floating-point sums on its own.
 
-/// Width of the explicit accumulator lanes (two SSE registers, one AVX register).
-pub const LANES: usize = 8;
+/// Width of the explicit accumulator lanes (one AVX-512 register, two AVX, four SSE).
+pub const LANES: usize = 16;
 
 /// e^x for x ≤ 0, to about 2 ulp, 0 below −87 (where f32 leaves the normal range).
 ///
@@ -47,15 +47,23 @@ pub fn sigmoid_and_slope(z: f32) -> (f32, f32) {
     (sigma, e * inv * inv)
 }
 
-/// Runs `$body` compiled for AVX2 when the processor has it, and for the baseline otherwise:
-/// the loops above are the same code either way, only twice as wide.
+/// Runs `$body` compiled for the widest of AVX-512F and AVX2 that the processor has, and for
+/// the baseline otherwise: the loops above are the same code either way, only wider.
 macro_rules! widest_simd {
     ($body:ident($($arg:expr),*)) => {{
         #[cfg(target_arch = "x86_64")]
         {
+            #[target_feature(enable = "avx512f")]
+            unsafe fn widest<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
             #[target_feature(enable = "avx2")]
             unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
                 f()
+            }
+            if std::is_x86_feature_detected!("avx512f") {
+                // SAFETY: the processor supports AVX-512F, checked just above.
+                return unsafe { widest(|| $body($($arg),*)) };
             }
             if std::is_x86_feature_detected!("avx2") {
                 // SAFETY: the processor supports AVX2, checked just above.
@@ -66,53 +74,119 @@ macro_rules! widest_simd {
     }};
 }
 
-/// Σ σ((x_i − θ)/T) and Σ σ'((x_i − θ)/T), with θ = hi + lo split so that scores near the
-/// threshold keep every bit (x − hi is exact there), and `inv_t` = 1/T.
-pub fn sums_at(x: &[f32], hi: f32, lo: f32, inv_t: f32) -> (f64, f64) {
-    widest_simd!(sums_body(x, hi, lo, inv_t))
+/// The smallest and largest entry of `x` when it has entries and all are finite.
+pub fn finite_range(x: &[f32]) -> Option<(f32, f32)> {
+    widest_simd!(finite_range_body(x))
 }
 
-/// mask_i = σ((x_i − θ)/T), with θ split as in [`sums_at`]; returns Σ mask in f64.
-pub fn mask_at(x: &[f32], hi: f32, lo: f32, inv_t: f32, mask: &mut [f32]) -> f64 {
-    widest_simd!(mask_body(x, hi, lo, inv_t, mask))
+/// Σ σ((s·x_i − θ)/T) and Σ σ'((s·x_i − θ)/T) for a sign s = ±1, with θ = hi + lo split so
+/// that scores near the threshold keep every bit (s·x − hi is exact there), and `inv_t` = 1/T.
+pub fn sums_at(x: &[f32], sign: f32, hi: f32, lo: f32, inv_t: f32) -> (f64, f64) {
+    widest_simd!(sums_body(x, sign, hi, lo, inv_t))
 }
 
+/// mask_i = σ((s·x_i − θ)/T), with s and θ as in [`sums_at`]; returns Σ mask in f64.
+pub fn mask_at(x: &[f32], sign: f32, hi: f32, lo: f32, inv_t: f32, mask: &mut [f32]) -> f64 {
+    widest_simd!(mask_body(x, sign, hi, lo, inv_t, mask))
+}
+
+/// Σ a_i(1 − a_i) and Σ a_i(1 − a_i)·g_i over a mask a and its upstream gradient g.
+pub fn slope_sums(mask: &[f32], g: &[f32]) -> (f64, f64) {
+    widest_simd!(slope_sums_body(mask, g))
+}
+
+/// grad_i = factor · a_i(1 − a_i) · (g_i − mean), and 0 where a_i(1 − a_i) = 0.
+pub fn scaled_slopes(mask: &[f32], g: &[f32], mean: f32, factor: f32, grad: &mut [f32]) {
+    widest_simd!(scaled_slopes_body(mask, g, mean, factor, grad))
+}
+
+/// Entries per block of f32 lane sums; each block's lanes are added into f64, so rounding grows
+/// with the block, not with n.
+const BLOCK: usize = 64 * LANES;
+
+/// Sums the pair `terms(a_i, b_i)` over two equally long slices in f32 lanes, flushed to f64
+/// every block.
 #[inline(always)]
-fn sums_body(x: &[f32], hi: f32, lo: f32, inv_t: f32) -> (f64, f64) {
-    let mut sigma = [0.0f32; LANES];
-    let mut slope = [0.0f32; LANES];
-    let (mut total_sigma, mut total_slope) = (0.0f64, 0.0f64);
-    // f32 lanes are flushed into f64 every block, so rounding grows with the block, not n.
-    for block in x.chunks(64 * LANES) {
-        let mut chunks = block.chunks_exact(LANES);
-        for chunk in &mut chunks {
+fn lane_sums(a: &[f32], b: &[f32], terms: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
+    let (mut total_u, mut total_v) = (0.0f64, 0.0f64);
+    for (a, b) in a.chunks(BLOCK).zip(b.chunks(BLOCK)) {
+        let (mut u, mut v) = ([0.0f32; LANES], [0.0f32; LANES]);
+        let (mut a_lanes, mut b_lanes) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+        for (a, b) in (&mut a_lanes).zip(&mut b_lanes) {
             for lane in 0..LANES {
-                let (s, d) = sigmoid_and_slope(((chunk[lane] - hi) - lo) * inv_t);
-                sigma[lane] += s;
-                slope[lane] += d;
+                let (du, dv) = terms(a[lane], b[lane]);
+                u[lane] += du;
+                v[lane] += dv;
             }
         }
-        for &v in chunks.remainder() {
-            let (s, d) = sigmoid_and_slope(((v - hi) - lo) * inv_t);
-            sigma[0] += s;
-            slope[0] += d;
+        for (&a, &b) in a_lanes.remainder().iter().zip(b_lanes.remainder()) {
+            let (du, dv) = terms(a, b);
+            u[0] += du;
+            v[0] += dv;
         }
-        total_sigma += sigma.iter().map(|&v| v as f64).sum::<f64>();
-        total_slope += slope.iter().map(|&v| v as f64).sum::<f64>();
-        sigma = [0.0; LANES];
-        slope = [0.0; LANES];
+        total_u += u.iter().map(|&v| v as f64).sum::<f64>();
+        total_v += v.iter().map(|&v| v as f64).sum::<f64>();
     }
-    (total_sigma, total_slope)
+    (total_u, total_v)
 }
 
 #[inline(always)]
-fn mask_body(x: &[f32], hi: f32, lo: f32, inv_t: f32, mask: &mut [f32]) -> f64 {
-    for (m, &v) in mask.iter_mut().zip(x) {
-        *m = sigmoid_and_slope(((v - hi) - lo) * inv_t).0;
+fn finite_range_body(x: &[f32]) -> Option<(f32, f32)> {
+    let mut low = [f32::INFINITY; LANES];
+    let mut high = [f32::NEG_INFINITY; LANES];
+    // v·0 is 0 for finite v and NaN for ±∞ or NaN, and NaN sticks in a sum.
+    let mut poison = [0.0f32; LANES];
+    let mut chunks = x.chunks_exact(LANES);
+    for chunk in &mut chunks {
+        for lane in 0..LANES {
+            let v = chunk[lane];
+            low[lane] = if v < low[lane] { v } else { low[lane] };
+            high[lane] = if v > high[lane] { v } else { high[lane] };
+            poison[lane] += v * 0.0;
+        }
     }
-    mask.chunks(64 * LANES)
-        .map(|block| block.iter().map(|&v| v as f64).sum::<f64>())
-        .sum()
+    for &v in chunks.remainder() {
+        low[0] = low[0].min(v);
+        high[0] = high[0].max(v);
+        poison[0] += v * 0.0;
+    }
+    let finite = !x.is_empty() && poison.iter().all(|&p| p == 0.0);
+    let fold = |values: [f32; LANES], pick: fn(f32, f32) -> f32| values.into_iter().reduce(pick);
+    finite.then(|| (fold(low, f32::min).unwrap(), fold(high, f32::max).unwrap()))
+}
+
+#[inline(always)]
+fn sums_body(x: &[f32], sign: f32, hi: f32, lo: f32, inv_t: f32) -> (f64, f64) {
+    lane_sums(x, x, |v, _| {
+        sigmoid_and_slope(((sign * v - hi) - lo) * inv_t)
+    })
+}
+
+#[inline(always)]
+fn mask_body(x: &[f32], sign: f32, hi: f32, lo: f32, inv_t: f32, mask: &mut [f32]) -> f64 {
+    for (m, &v) in mask.iter_mut().zip(x) {
+        *m = sigmoid_and_slope(((sign * v - hi) - lo) * inv_t).0;
+    }
+    // A second pass, over a row that is still in cache, keeps both loops simple to vectorise.
+    let mask = &mask[..x.len()];
+    lane_sums(mask, mask, |m, _| (m, 0.0)).0
+}
+
+#[inline(always)]
+fn slope_sums_body(mask: &[f32], g: &[f32]) -> (f64, f64) {
+    lane_sums(mask, g, |a, g| {
+        let slope = a * (1.0 - a);
+        (slope, slope * g)
+    })
+}
+
+#[inline(always)]
+fn scaled_slopes_body(mask: &[f32], g: &[f32], mean: f32, factor: f32, grad: &mut [f32]) {
+    for ((d, &a), &g) in grad.iter_mut().zip(mask).zip(g) {
+        let slope = a * (1.0 - a);
+        let value = factor * slope * (g - mean);
+        *d = if slope > 0.0 { value } else { 0.0 };
+    }
 }
 
 #[cfg(test)]

@@ -1,36 +1,31 @@
 //! The exact two-anchor top-k in f32, one row at a time.
 
-use super::kernels::{mask_at, sums_at};
-use crate::batch::{check_row, RowSpec};
-use crate::op::SoftTopK;
+use super::kernels::{mask_at, scaled_slopes, slope_sums, sums_at};
+use crate::batch::check_row;
+use crate::op::{Direction, SoftTopK};
 use crate::output::RowReport;
 use crate::reference::forward_into;
 use crate::Batch;
 
 /// Newton steps before the solve reports non-convergence (ordinary rows need 2–6).
 const MAX_STEPS: u32 = 100;
-/// A Newton step this small in units of the temperature moves no mask entry by more than a
-/// quarter of it: the threshold is then as good as f32 sums can make it.
-const STEP_TOLERANCE: f64 = 1e-6;
+/// A Newton step this small in units of the temperature T ends the search without another
+/// pass: in those units |Σσ''| ≤ |Σσ'|, so the step leaves θ within δ²/2 = 5e-7·T of the root,
+/// which moves no mask entry by more than 1.3e-7, about one f32 rounding.
+const STEP_TOLERANCE: f64 = 1e-3;
+/// The finest step, in units of T, that θ must be able to take in f64 at the bracket.
+const RESOLUTION: f64 = 1e-6;
 /// |Σ mask − k| below this many f32 ulps per √n is rounding noise of the f32 sum.
 const SUM_NOISE_ULPS: f64 = 0.5;
 
-/// A row's valid scores in largest orientation, and their columns when some are excluded.
-fn gather(
-    op: &SoftTopK,
-    batch: &Batch,
-    r: usize,
-    spec: &RowSpec,
-) -> (Vec<f32>, Option<Vec<usize>>) {
+/// A row's valid scores in largest orientation and their columns, for rows with exclusions.
+fn gather(op: &SoftTopK, batch: &Batch, r: usize) -> (Vec<f32>, Vec<usize>) {
     let sign = op.direction.sign() as f32;
     let row = batch.row(r);
-    if spec.n_valid == row.len() {
-        return (row.iter().map(|&v| sign * v).collect(), None);
-    }
     let cols: Vec<usize> = (0..row.len())
         .filter(|&c| batch.is_valid(r, c, op.direction))
         .collect();
-    (cols.iter().map(|&c| sign * row[c]).collect(), Some(cols))
+    (cols.iter().map(|&c| sign * row[c]).collect(), cols)
 }
 
 /// The forward pass of one row into its mask; returns the row's report.
@@ -43,26 +38,44 @@ pub fn forward_row(op: &SoftTopK, batch: &Batch, r: usize, mask: &mut [f32]) -> 
     if spec.k == 0 {
         return report;
     }
-    let (x, cols) = gather(op, batch, r, &spec);
-    let scatter = |mask: &mut [f32], values: &[f32]| match &cols {
-        Some(cols) => cols.iter().zip(values).for_each(|(&c, &v)| mask[c] = v),
-        None => mask.copy_from_slice(values),
+    // A full row is read in place with its sign applied in the loops; a row with exclusions
+    // is gathered once, already in largest orientation.
+    let row = batch.row(r);
+    let gathered = (spec.n_valid < row.len()).then(|| gather(op, batch, r));
+    let (x, sign) = match &gathered {
+        Some((x, _)) => (&x[..], 1.0),
+        None => (row, op.direction.sign() as f32),
     };
     if spec.k == spec.n_valid {
-        scatter(mask, &vec![1.0; x.len()]);
+        match &gathered {
+            Some((_, cols)) => cols.iter().for_each(|&c| mask[c] = 1.0),
+            None => mask.fill(1.0),
+        }
         return report;
     }
 
-    let Some(solve) = Threshold::new(&x, spec.k, spec.scale * op.epsilon / 2.0) else {
+    // The range of the valid scores in largest orientation.
+    let (x_min, x_max) = match op.direction {
+        Direction::Largest => (spec.x_min, spec.x_max),
+        Direction::Smallest => (-spec.x_max, -spec.x_min),
+    };
+    let t = spec.scale * op.epsilon / 2.0;
+    let Some(solve) = Threshold::new(x, sign, x_min, x_max, spec.k, t) else {
         // Temperatures or score ranges outside what f32 can carry: the f64 reference.
         return forward_into(op, batch, r, mask, &mut []);
     };
     let inv_t = solve.inv_t as f32;
-    let (theta, steps, converged) = solve.run(&x);
+    let (theta, steps, converged) = solve.run(x, sign);
     let (hi, lo) = split(theta);
-    let mut values = vec![0.0f32; x.len()];
-    let total = mask_at(&x, hi, lo, inv_t, &mut values);
-    scatter(mask, &values);
+    let total = match &gathered {
+        Some((_, cols)) => {
+            let mut values = vec![0.0f32; x.len()];
+            let total = mask_at(x, sign, hi, lo, inv_t, &mut values);
+            cols.iter().zip(&values).for_each(|(&c, &v)| mask[c] = v);
+            total
+        }
+        None => mask_at(x, sign, hi, lo, inv_t, mask),
+    };
     report.converged = converged;
     report.iterations = steps;
     report.marginal_error = (total - spec.k as f64).abs();
@@ -89,10 +102,10 @@ pub(crate) fn f32_bracket(
     let inv_t = 1.0 / t;
     let logit = (k as f64 / (n - k) as f64).ln();
     let (lo, hi) = (x_min - t * logit, x_max - t * logit);
-    // θ lives in f64 in score units: a step of STEP_TOLERANCE·T must still move it, or the
+    // θ lives in f64 in score units: a step of RESOLUTION·T must still move it, or the
     // search cannot place θ between scores closer than their f64 spacing (equal scores near 1
     // at ε = 1e-30 came out as σ(0) = 1/2 each, Σ mask ≠ k).
-    let resolvable = t * STEP_TOLERANCE > lo.abs().max(hi.abs()) * f64::EPSILON;
+    let resolvable = t * RESOLUTION > lo.abs().max(hi.abs()) * f64::EPSILON;
     let representable = (f32::MIN_POSITIVE as f64..=f32::MAX as f64).contains(&inv_t)
         && lo.abs() < 1e37
         && hi.abs() < 1e37;
@@ -111,26 +124,21 @@ struct Threshold {
 }
 
 impl Threshold {
-    /// Sets up the bracket and the start; `None` when f32 cannot represent the problem
-    /// (1/T outside the normal f32 range, the bracket beyond ±1e37, or T below what f64 can
-    /// resolve at the bracket).
-    fn new(x: &[f32], k: usize, t: f64) -> Option<Self> {
+    /// Sets up the bracket and the start for the scores s·x, which lie in [x_min, x_max];
+    /// `None` when f32 cannot represent the problem (1/T outside the normal f32 range, the
+    /// bracket beyond ±1e37, or T below what f64 can resolve at the bracket).
+    fn new(x: &[f32], sign: f32, x_min: f64, x_max: f64, k: usize, t: f64) -> Option<Self> {
         let n = x.len();
-        let inv_t = 1.0 / t;
-        let x_min = x.iter().copied().fold(f32::INFINITY, f32::min) as f64;
-        let x_max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
         let (lo, hi) = f32_bracket(x_min, x_max, n, k, t)?;
 
         // Start between the k-th and (k+1)-th largest score, the hard threshold: on sharp
         // rows it is already the answer, on soft rows Newton takes it from there.
-        let mut order = x.to_vec();
-        let (_, kth, rest) = order.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
-        let below = rest.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let start = (0.5 * (*kth as f64) + 0.5 * below as f64).clamp(lo, hi);
+        let (kth, below) = kth_largest_pair(x, sign, k);
+        let start = (0.5 * kth as f64 + 0.5 * below as f64).clamp(lo, hi);
         Some(Threshold {
             k: k as f64,
             t,
-            inv_t,
+            inv_t: 1.0 / t,
             lo,
             hi,
             start,
@@ -139,11 +147,11 @@ impl Threshold {
     }
 
     /// Safeguarded Newton: returns θ, the steps taken and whether it converged.
-    fn run(mut self, x: &[f32]) -> (f64, u32, bool) {
+    fn run(mut self, x: &[f32], sign: f32) -> (f64, u32, bool) {
         let mut theta = self.start;
         for step in 1..=MAX_STEPS {
             let (hi, lo) = split(theta);
-            let (sum, slope) = sums_at(x, hi, lo, self.inv_t as f32);
+            let (sum, slope) = sums_at(x, sign, hi, lo, self.inv_t as f32);
             let excess = sum - self.k;
             if excess.abs() <= self.noise {
                 return (theta, step, true);
@@ -170,6 +178,21 @@ impl Threshold {
     }
 }
 
+/// The k-th and (k + 1)-th largest of s·x_i, for 0 < k < n and finite x.
+fn kth_largest_pair(x: &[f32], sign: f32, k: usize) -> (f32, f32) {
+    // Finite floats order as their bits do once negative ones are flipped to below the
+    // positive ones: an integer selection, cheaper than comparing floats.
+    let key = |v: f32| {
+        let bits = (sign * v).to_bits() as i32;
+        bits ^ (((bits >> 31) as u32) >> 1) as i32
+    };
+    let value = |key: i32| f32::from_bits((key ^ (((key >> 31) as u32) >> 1) as i32) as u32);
+    let mut keys: Vec<i32> = x.iter().map(|&v| key(v)).collect();
+    let (_, kth, rest) = keys.select_nth_unstable_by(k - 1, |a, b| b.cmp(a));
+    let below = rest.iter().copied().max().unwrap_or(i32::MIN);
+    (value(*kth), value(below))
+}
+
 /// The closed-form backward of one row: grad = (2/(s·ε))·A'·(g − ḡ), negated for smallest.
 pub fn backward_row(
     op: &SoftTopK,
@@ -186,18 +209,16 @@ pub fn backward_row(
         return;
     }
     // Excluded entries have mask 0, hence A' = 0 and gradient 0, with no test needed.
-    let (mut total, mut weighted) = (0.0f64, 0.0f64);
-    for (&a, &g) in mask.iter().zip(grad_mask) {
-        let slope = (a * (1.0 - a)) as f64;
-        total += slope;
-        weighted += slope * g as f64;
-    }
+    let (total, weighted) = slope_sums(mask, grad_mask);
     if !(total > 0.0) {
         return;
     }
     let mean = weighted / total;
-    // In f64: 2/(s·ε) can pass f32's range while A' is small enough to bring it back.
     let factor = op.direction.sign() * 2.0 / (spec.scale * op.epsilon);
+    if factor.abs() < f32::MAX as f64 {
+        return scaled_slopes(mask, grad_mask, mean as f32, factor as f32, grad);
+    }
+    // 2/(s·ε) past f32's range while A' may be small enough to bring it back: in f64.
     if !factor.is_finite() {
         return;
     }
@@ -208,5 +229,50 @@ pub fn backward_row(
         } else {
             0.0
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The pair by a full sort, for comparison.
+    fn sorted_pair(x: &[f32], sign: f32, k: usize) -> (f32, f32) {
+        let mut all: Vec<f32> = x.iter().map(|&v| sign * v).collect();
+        all.sort_unstable_by(|a, b| b.total_cmp(a));
+        (all[k - 1], all[k])
+    }
+
+    proptest! {
+        #[test]
+        fn sampled_selection_matches_a_sort(
+            n in 1usize..6000,
+            k_frac in 0.0f64..1.0,
+            // Few distinct values make ties; many make a spread.
+            levels in prop_oneof![Just(3u32), Just(1000u32), Just(u32::MAX)],
+            shape in 0u8..3,
+            descending in any::<bool>(),
+            seed in any::<u64>(),
+        ) {
+            prop_assume!(n >= 2);
+            let k = 1 + ((n - 2) as f64 * k_frac) as usize;
+            let mut state = seed | 1;
+            let mut x: Vec<f32> = (0..n)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    ((state >> 32) as u32 % levels) as f32
+                })
+                .collect();
+            match shape {
+                0 => {}
+                1 => x.sort_unstable_by(f32::total_cmp),
+                _ => x[n / 2] = 1e30,
+            }
+            let sign = if descending { -1.0 } else { 1.0 };
+            prop_assert_eq!(kth_largest_pair(&x, sign, k), sorted_pair(&x, sign, k));
+        }
     }
 }
