@@ -44,7 +44,7 @@ monitor() {
 }
 monitor > "$out/top.txt" &
 monitor_pid=$!
-trap 'kill "$monitor_pid" 2>/dev/null' EXIT
+trap 'kill "$monitor_pid" 2>/dev/null || true' EXIT
 
 # Ours, then the alternatives, back to back; the load before, between and after is kept.
 echo "before:  $(uptime)" | tee -a "$out/uptime.txt"

@@ -246,7 +246,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn sampled_selection_matches_a_sort(
+        fn selection_matches_a_sort(
             n in 1usize..6000,
             k_frac in 0.0f64..1.0,
             // Few distinct values make ties; many make a spread.
