@@ -14,7 +14,6 @@
 //! upload of the scores and the readback of the results.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use clap::Parser;
 use rand::{Rng, SeedableRng};
@@ -24,6 +23,9 @@ use soft_topk::cpu::CpuBackend;
 use soft_topk::gpu::GpuBackend;
 use soft_topk::reference::Reference;
 use soft_topk::{Backend, Batch, Cotangent, SoftTopK, Solver, Variant};
+
+#[path = "support/timing.rs"]
+mod timing;
 
 #[derive(Parser)]
 struct Args {
@@ -43,19 +45,6 @@ struct Args {
     /// Only the top-k configurations, no sorted ones.
     #[arg(long)]
     topk: bool,
-}
-
-fn median_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
-    run(); // warm-up: pipelines, buffers, caches
-    let mut times: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let start = Instant::now();
-            run();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
 }
 
 struct Config {
@@ -182,7 +171,7 @@ fn copy_bandwidth(repeats: usize) -> Option<f64> {
         ],
     });
     let workgroups = (bytes / 16).div_ceil(256) as u32;
-    let seconds = median_seconds(repeats, || {
+    let seconds = timing::median_seconds(repeats, || {
         let mut encoder = device.create_command_encoder(&Default::default());
         {
             let mut pass = encoder.begin_compute_pass(&Default::default());
@@ -228,8 +217,8 @@ fn main() {
             .expect("reference forward");
         for backend in &backends {
             let forward = || backend.forward(&op, &batch).expect("forward");
-            let fwd_s = median_seconds(args.repeats, || drop(forward()));
-            let fwd_bwd_s = median_seconds(args.repeats, || {
+            let fwd_s = timing::median_seconds(args.repeats, || drop(forward()));
+            let fwd_bwd_s = timing::median_seconds(args.repeats, || {
                 let out = forward();
                 drop(
                     backend

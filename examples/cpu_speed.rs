@@ -1,13 +1,12 @@
 //! Timing of the fast CPU backend's exact top-k (largest, k = n/10, ε = 0.01, uniform scores):
-//! the median forward and forward + backward over warm runs, the worst mask error against the
-//! f64 reference, and the count of non-finite gradient entries.
+//! the median forward, backward alone, and forward + backward over warm runs, the worst mask
+//! error against the f64 reference, and the count of non-finite gradient entries. A quicker
+//! loop than the bench report for work on the CPU kernels.
 //!
 //! ```text
 //! cargo run --release --example cpu_speed                     # the four sizes of the report
 //! cargo run --release --example cpu_speed -- 256 4096 50      # rows, n, repeats
 //! ```
-
-use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -15,18 +14,8 @@ use soft_topk::cpu::CpuBackend;
 use soft_topk::reference::Reference;
 use soft_topk::{Backend, Batch, Cotangent, SoftTopK};
 
-fn median_seconds(repeats: usize, mut run: impl FnMut()) -> f64 {
-    run();
-    let mut times: Vec<f64> = (0..repeats)
-        .map(|_| {
-            let start = Instant::now();
-            run();
-            start.elapsed().as_secs_f64()
-        })
-        .collect();
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2]
-}
+#[path = "support/timing.rs"]
+mod timing;
 
 fn measure(rows: usize, n: usize, repeats: usize) {
     let mut rng = ChaCha8Rng::seed_from_u64(2020);
@@ -36,8 +25,9 @@ fn measure(rows: usize, n: usize, repeats: usize) {
     let op = SoftTopK::new(n / 10, 0.01);
     let cpu = CpuBackend::new();
     let exact = Reference.forward(&op, &batch).expect("reference forward");
-    let fwd_s = median_seconds(repeats, || drop(cpu.forward(&op, &batch).expect("forward")));
-    let fwd_bwd_s = median_seconds(repeats, || {
+    let fwd_s =
+        timing::median_seconds(repeats, || drop(cpu.forward(&op, &batch).expect("forward")));
+    let fwd_bwd_s = timing::median_seconds(repeats, || {
         let out = cpu.forward(&op, &batch).expect("forward");
         drop(
             cpu.backward(&op, &batch, &out, Cotangent::Mask(&g))
@@ -45,7 +35,7 @@ fn measure(rows: usize, n: usize, repeats: usize) {
         );
     });
     let out = cpu.forward(&op, &batch).expect("forward");
-    let bwd_s = median_seconds(repeats, || {
+    let bwd_s = timing::median_seconds(repeats, || {
         drop(
             cpu.backward(&op, &batch, &out, Cotangent::Mask(&g))
                 .expect("backward"),
