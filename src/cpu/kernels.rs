@@ -79,8 +79,9 @@ pub fn finite_range(x: &[f32]) -> Option<(f32, f32)> {
     widest_simd!(finite_range_body(x))
 }
 
-/// Σ σ((s·x_i − θ)/T) and Σ σ'((s·x_i − θ)/T) for a sign s = ±1, with θ = hi + lo split so
-/// that scores near the threshold keep every bit (s·x − hi is exact there), and `inv_t` = 1/T.
+/// Σ σ((s·x_i − θ)/T) and Σ σ'((s·x_i − θ)/T) for a sign s = ±1, with θ = hi + lo
+/// split so that scores near the threshold keep every bit (s·x − hi is exact there), and
+/// `inv_t` = 1/T.
 pub fn sums_at(x: &[f32], sign: f32, hi: f32, lo: f32, inv_t: f32) -> (f64, f64) {
     widest_simd!(sums_body(x, sign, hi, lo, inv_t))
 }
@@ -150,9 +151,12 @@ fn finite_range_body(x: &[f32]) -> Option<(f32, f32)> {
         high[0] = high[0].max(v);
         poison[0] += v * 0.0;
     }
-    let finite = !x.is_empty() && poison.iter().all(|&p| p == 0.0);
-    let fold = |values: [f32; LANES], pick: fn(f32, f32) -> f32| values.into_iter().reduce(pick);
-    finite.then(|| (fold(low, f32::min).unwrap(), fold(high, f32::max).unwrap()))
+    if x.is_empty() || poison.iter().any(|&p| p != 0.0) {
+        return None;
+    }
+    let x_min = low.into_iter().fold(f32::INFINITY, f32::min);
+    let x_max = high.into_iter().fold(f32::NEG_INFINITY, f32::max);
+    Some((x_min, x_max))
 }
 
 #[inline(always)]

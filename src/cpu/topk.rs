@@ -10,8 +10,8 @@ use crate::Batch;
 /// Newton steps before the solve reports non-convergence (ordinary rows need 2–6).
 const MAX_STEPS: u32 = 100;
 /// A Newton step this small in units of the temperature T ends the search without another
-/// pass: in those units |Σσ''| ≤ |Σσ'|, so the step leaves θ within δ²/2 = 5e-7·T of the root,
-/// which moves no mask entry by more than 1.3e-7, about one f32 rounding.
+/// pass: in those units |Σσ''| ≤ |Σσ'|, so the step leaves θ within δ²/2 = 5e-7·T of the
+/// root, which moves no mask entry by more than 1.3e-7, about one f32 rounding.
 const STEP_TOLERANCE: f64 = 1e-3;
 /// The finest step, in units of T, that θ must be able to take in f64 at the bracket.
 const RESOLUTION: f64 = 1e-6;

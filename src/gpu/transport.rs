@@ -138,7 +138,8 @@ const MIN_DISTANCE: f64 = 1e-30;
 /// floor (see [`GPU_AUTO_RANGE_ROUNDINGS`]). Centred at mid-range instead, one far outlier (a
 /// −1e20 "mask out" score, say) would put every other score at |u| ≈ 1e22, where f32 keeps
 /// no digit of their gaps. Rows whose scaled scores still pass [`MAX_SCALED`] (ε = 1e-30 on
-/// scores near 1, spreads near f32's largest value) are returned, set to zeros: the CPU backend answers them.
+/// scores near 1, spreads near f32's largest value) are returned, set to zeros: the CPU
+/// backend answers them.
 fn centre_rows(op: &SoftTopK, batch: &Batch, prepared: &mut Prepared) -> Vec<usize> {
     let n = batch.n();
     let sign = op.direction.sign();
