@@ -7,13 +7,14 @@ use crate::output::RowReport;
 use crate::reference::forward_into;
 use crate::Batch;
 
-/// Newton steps before the solve reports non-convergence (ordinary rows need 2–6).
+/// Newton steps before the solve reports non-convergence (ordinary rows need a handful).
 const MAX_STEPS: u32 = 100;
 /// A Newton step this small in units of the temperature T ends the search without another
 /// pass: in those units |Σσ''| ≤ |Σσ'|, so the step leaves θ within δ²/2 = 5e-7·T of the
 /// root, which moves no mask entry by more than 1.3e-7, about one f32 rounding.
 const STEP_TOLERANCE: f64 = 1e-3;
-/// The finest step, in units of T, that θ must be able to take in f64 at the bracket.
+/// The finest step in units of T: a bisection step this small ends the search, and θ must be
+/// able to take it in f64 at the bracket.
 const RESOLUTION: f64 = 1e-6;
 /// |Σ mask − k| below this many f32 ulps per √n is rounding noise of the f32 sum.
 const SUM_NOISE_ULPS: f64 = 0.5;
@@ -162,13 +163,15 @@ impl Threshold {
             } else {
                 self.hi = theta;
             }
+            // A Newton step converges quadratically, so a small one may end the search; a
+            // bisection step only halves the bracket, so it must be as small as θ can resolve.
             let newton = theta + self.t * excess / slope;
-            let next = if slope > 0.0 && newton > self.lo && newton < self.hi {
-                newton
+            let (next, tolerance) = if slope > 0.0 && newton > self.lo && newton < self.hi {
+                (newton, STEP_TOLERANCE)
             } else {
-                0.5 * self.lo + 0.5 * self.hi
+                (0.5 * self.lo + 0.5 * self.hi, RESOLUTION)
             };
-            let settled = (next - theta).abs() <= STEP_TOLERANCE * self.t;
+            let settled = (next - theta).abs() <= tolerance * self.t;
             if settled || next <= self.lo || next >= self.hi {
                 return (next.clamp(self.lo, self.hi), step, true);
             }
