@@ -67,8 +67,12 @@ struct RowParams {
 @group(0) @binding(3) var<storage, read> in_b: array<f32>;
 @group(0) @binding(4) var<storage, read_write> out_a: array<f32>;
 @group(0) @binding(5) var<storage, read_write> out_b: array<f32>;
-// report: [rows, 4] u32: iterations, converged (0/1), marginal error (f32 bits), unused
+// report: [rows, 4] u32: iterations, converged (0/1), marginal error (f32 bits), running
+// (0/1, the chunked solves)
 @group(0) @binding(6) var<storage, read_write> report: array<u32>;
+// work: scratch that stays on the device between the dispatches of one solve; each family
+// that uses it lays it out per row (topk.wgsl's long rows, plan.wgsl's chunks).
+@group(0) @binding(7) var<storage, read_write> work: array<f32>;
 
 // Whether entry i of row `row` takes part (the host folds the validity mask and the
 // excluding infinity into these bits).

@@ -26,7 +26,7 @@ const ENTRIES_PER_THREAD: u32 = 3u;
 // Plan rows per tile; TILE_CELLS = TILE · M_MAX.
 const TILE: u32 = 32u;
 const TILE_CELLS: u32 = 1056u;
-// Scores per workgroup of a chunk kernel. Must equal `CHUNK` in src/gpu/transport.rs.
+// Scores per workgroup of a chunk kernel. Must equal `CHUNK` in src/gpu/kernels.rs.
 const CHUNK: u32 = 1024u;
 // Relative damping added to the Jacobian's diagonal before the Cholesky solve (the
 // reference's `solve_psd` adds 1e-10 in f64): a nearly decoupled block of anchors keeps a
@@ -34,18 +34,16 @@ const CHUNK: u32 = 1024u;
 // rounding of a few 1e-7, so damping at 1e-6 changes no well-determined direction.
 const RELATIVE_DAMPING: f32 = 1e-6;
 
-// The layout of `work`, per row: STATE_STRIDE floats of row state (each family names its own
-// fields), then one block of PARTIAL_STRIDE floats per chunk: P_COLUMNS (2·M_MAX floats, per
-// anchor), P_JACOBIAN (ENTRIES floats, packed), P_EXTRA (two floats). Must equal the strides
-// in src/gpu/transport.rs.
+// The layout of `work` (common.wgsl) for these families: [rows, STATE_STRIDE +
+// chunk_count(n) · PARTIAL_STRIDE] f32. Per row, STATE_STRIDE floats of row state (each
+// family names its own fields), then one block of PARTIAL_STRIDE floats per chunk: P_COLUMNS
+// (2·M_MAX floats, per anchor), P_JACOBIAN (ENTRIES floats, packed), P_EXTRA (two floats).
+// Must equal the strides in src/gpu/kernels.rs.
 const STATE_STRIDE: u32 = 160u;
 const PARTIAL_STRIDE: u32 = 596u;
 const P_COLUMNS: u32 = 0u;
 const P_JACOBIAN: u32 = 66u;
 const P_EXTRA: u32 = 594u;
-
-// work: [rows, STATE_STRIDE + chunk_count(n) · PARTIAL_STRIDE] f32 (see above)
-@group(0) @binding(7) var<storage, read_write> work: array<f32>;
 
 fn chunk_count(n: u32) -> u32 {
     return max(1u, (n + CHUNK - 1u) / CHUNK);

@@ -6,6 +6,7 @@ mod gpu_support;
 use gpu_support::{
     assert_abs, assert_scaled, make_batch, reference_backward, reference_forward, rng, uniform,
 };
+use soft_topk::gpu::kernels::ROW_IN_REGISTERS;
 use soft_topk::{Backend, Batch, Cotangent, Direction, Scale, SoftTopK};
 
 /// Mask entries: the GPU stops its root search when the next Newton step would move every
@@ -129,6 +130,41 @@ fn topk_exact_long_rows() {
             &format!("n={n} eps={epsilon} {direction:?} {scale:?}"),
             900,
         );
+    }
+}
+
+/// Rows just past what one workgroup holds in registers go to the chunked root search:
+/// lengths that end a chunk early, exactly, or one entry into a new one, with every kind of
+/// row (exclusions included) and k at both ends.
+#[test]
+fn topk_exact_chunk_boundaries() {
+    let _gpu = gpu_or_skip!();
+    let chunk = ROW_IN_REGISTERS;
+    for (case, n) in [chunk + 1, 2 * chunk, 3 * chunk + 1]
+        .into_iter()
+        .enumerate()
+    {
+        let rows = 4;
+        let (scores, valid) = make_batch(&mut rng(950 + case as u64), rows, n, true, case);
+        let op = SoftTopK::new(0, 0.01).per_row_k(vec![1, n / 3, n - 1, n]);
+        let batch = Batch::new(&scores, rows, n)
+            .unwrap()
+            .with_valid(&valid)
+            .unwrap();
+        compare(&op, &batch, &format!("n={n}"), 950);
+    }
+}
+
+/// One row of 10^6: the longest, spread over 245 workgroups per root-search step.
+#[test]
+fn topk_exact_a_million() {
+    let _gpu = gpu_or_skip!();
+    let n = 1_000_000;
+    let scores = uniform(&mut rng(990), n);
+    for (k, epsilon) in [(n / 10, 1e-2), (7, 1e-3)] {
+        let op = SoftTopK::new(k, epsilon);
+        let batch = Batch::single(&scores).unwrap();
+        compare(&op, &batch, &format!("n={n} k={k} eps={epsilon}"), 990);
     }
 }
 

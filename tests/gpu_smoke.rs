@@ -9,14 +9,14 @@ use soft_topk::{Backend, Batch, Cotangent, Scale, SoftTopK};
 /// f32 against the f64 values of MATH.md §6 (six digits given there).
 const PUBLISHED_TOLERANCE: f64 = 2e-6;
 
-#[test]
-fn workgroup_size_matches_the_wgsl_constant() {
-    let line = kernels::COMMON_WGSL
+/// The value of `const NAME: u32 = VALUEu;` in a WGSL source.
+fn wgsl_const(source: &str, name: &str) -> u64 {
+    let prefix = format!("const {name}: u32");
+    let line = source
         .lines()
-        .find(|l| l.trim_start().starts_with("const WG: u32"))
-        .expect("common.wgsl declares WG");
-    let value: u32 = line
-        .split('=')
+        .find(|l| l.trim_start().starts_with(&prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` in the source"));
+    line.split('=')
         .nth(1)
         .and_then(|v| {
             v.trim()
@@ -25,10 +25,47 @@ fn workgroup_size_matches_the_wgsl_constant() {
                 .parse()
                 .ok()
         })
-        .expect("WG is a u32 literal");
+        .unwrap_or_else(|| panic!("{name} is not a u32 literal: {line}"))
+}
+
+/// Every size declared in WGSL and mirrored in Rust agrees.
+#[test]
+fn sizes_match_the_wgsl_constants() {
+    let mirrored: [(&str, &str, u64); 10] = [
+        (kernels::COMMON_WGSL, "WG", WORKGROUP_SIZE as u64),
+        (kernels::TOPK_WGSL, "PER_THREAD", kernels::PER_THREAD as u64),
+        (
+            kernels::TOPK_WGSL,
+            "ROW_IN_REGISTERS",
+            kernels::ROW_IN_REGISTERS as u64,
+        ),
+        (
+            kernels::TOPK_WGSL,
+            "MAX_STEPS",
+            soft_topk::gpu::TOPK_MAX_STEPS,
+        ),
+        (kernels::TOPK_WGSL, "LONG_STATE", kernels::LONG_STATE),
+        (kernels::TOPK_WGSL, "LONG_PARTIAL", kernels::LONG_PARTIAL),
+        (kernels::PLAN_WGSL, "K_MAX", kernels::SORTED_K_MAX as u64),
+        (kernels::PLAN_WGSL, "CHUNK", kernels::CHUNK as u64),
+        (kernels::PLAN_WGSL, "STATE_STRIDE", kernels::STATE_STRIDE),
+        (
+            kernels::PLAN_WGSL,
+            "PARTIAL_STRIDE",
+            kernels::PARTIAL_STRIDE,
+        ),
+    ];
+    for (source, name, rust) in mirrored {
+        assert_eq!(
+            wgsl_const(source, name),
+            rust,
+            "WGSL {name} vs its Rust mirror"
+        );
+    }
     assert_eq!(
-        value, WORKGROUP_SIZE,
-        "shaders/common.wgsl WG vs gpu::WORKGROUP_SIZE"
+        wgsl_const(kernels::TOPK_WGSL, "ROW_IN_REGISTERS"),
+        wgsl_const(kernels::COMMON_WGSL, "WG") * wgsl_const(kernels::TOPK_WGSL, "PER_THREAD"),
+        "ROW_IN_REGISTERS = WG · PER_THREAD"
     );
 }
 

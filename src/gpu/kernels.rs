@@ -24,6 +24,28 @@ pub const TRANSPORT_WGSL: &str = include_str!("../../shaders/transport.wgsl");
 /// src/gpu/sorted_backward.rs.
 pub const SORTED_BACKWARD_WGSL: &str = include_str!("../../shaders/sorted_backward.wgsl");
 
+/// Scores each thread of the exact top-k holds in registers. Must equal `PER_THREAD` in
+/// shaders/topk.wgsl.
+pub const PER_THREAD: u32 = 16;
+/// The longest row the exact top-k solves in one workgroup, held in registers; longer rows are
+/// cut into chunks of this many scores, one workgroup each. Must equal `ROW_IN_REGISTERS` in
+/// shaders/topk.wgsl.
+pub const ROW_IN_REGISTERS: usize = (WORKGROUP_SIZE * PER_THREAD) as usize;
+/// Floats of search state, and of each chunk's sums, per long row in `work`. Must equal
+/// `LONG_STATE` and `LONG_PARTIAL` in shaders/topk.wgsl.
+pub const LONG_STATE: u64 = 8;
+pub const LONG_PARTIAL: u64 = 4;
+
+/// Chunks of a long top-k row of length n (at least one).
+pub fn long_chunks(n: usize) -> u32 {
+    n.div_ceil(ROW_IN_REGISTERS).max(1) as u32
+}
+
+/// Bytes of `work` one long top-k row of length n needs.
+pub fn long_work_bytes_per_row(n: usize) -> u64 {
+    4 * (LONG_STATE + long_chunks(n) as u64 * LONG_PARTIAL)
+}
+
 /// Scores per workgroup of the chunked kernels. Must equal `CHUNK` in shaders/plan.wgsl.
 pub const CHUNK: u32 = 1024;
 /// Floats of per-row state at the start of each row's `work`. Must equal `STATE_STRIDE` in
@@ -54,6 +76,15 @@ pub(crate) struct Kernels {
     pub layout: wgpu::BindGroupLayout,
     pub topk_forward: wgpu::ComputePipeline,
     pub topk_backward: wgpu::ComputePipeline,
+    /// The exact top-k of rows longer than [`ROW_IN_REGISTERS`], in the order the host
+    /// records them: start, then (pass, step) per root-search step, then finish; the backward
+    /// as pass, finish.
+    pub topk_long_start: wgpu::ComputePipeline,
+    pub topk_long_pass: wgpu::ComputePipeline,
+    pub topk_long_step: wgpu::ComputePipeline,
+    pub topk_long_finish: wgpu::ComputePipeline,
+    pub topk_long_backward_pass: wgpu::ComputePipeline,
+    pub topk_long_backward_finish: wgpu::ComputePipeline,
     /// The transport solve's dispatches, in the order the host records them.
     pub transport_init: wgpu::ComputePipeline,
     pub transport_start: wgpu::ComputePipeline,
@@ -130,6 +161,12 @@ impl Kernels {
             sorted_backward_finish: pipeline(&sorted_backward, "sorted_backward_finish"),
             topk_forward: pipeline(&topk, "topk_forward"),
             topk_backward: pipeline(&topk, "topk_backward"),
+            topk_long_start: pipeline(&topk, "topk_long_start"),
+            topk_long_pass: pipeline(&topk, "topk_long_pass"),
+            topk_long_step: pipeline(&topk, "topk_long_step"),
+            topk_long_finish: pipeline(&topk, "topk_long_finish"),
+            topk_long_backward_pass: pipeline(&topk, "topk_long_backward_pass"),
+            topk_long_backward_finish: pipeline(&topk, "topk_long_backward_finish"),
             layout,
         }
     }

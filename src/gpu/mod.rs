@@ -9,7 +9,9 @@
 //! - `resident`: one part of a batch bound on the device for a sequence of dispatches.
 //! - `transport`, `sorted_backward`: the host side of the chunked kernels.
 //!
-//! The exact top-k runs one workgroup per row in one dispatch. The transport solve (top-k
+//! The exact top-k runs one workgroup per row in one dispatch for rows up to
+//! [`kernels::ROW_IN_REGISTERS`] scores, and longer rows as a chunked root search, a chunk
+//! kernel and a row kernel per step (shaders/topk.wgsl). The transport solve (top-k
 //! Sinkhorn, the sorted forward by dual Newton or Sinkhorn) and the sorted backward cut each
 //! row into chunks and run as sequences of short dispatches (shaders/plan.wgsl says why). A
 //! batch whose buffers exceed the device's storage-binding size, buffer size or dispatch
@@ -34,9 +36,11 @@ use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Once, OnceLock};
 
 use context::Context;
-use kernels::{work_bytes_per_row, Kernels};
+use kernels::{
+    long_chunks, long_work_bytes_per_row, work_bytes_per_row, Kernels, ROW_IN_REGISTERS,
+};
 pub use kernels::{SORTED_K_MAX, WORKGROUP_SIZE};
-use resident::{Resident, OUT_A, OUT_B, REPORT};
+use resident::{Resident, OUT_A, REPORT};
 use rows::{Pass, Prepared, RowParams, MODE_SOLVE};
 pub use rows::{GPU_AUTO_RANGE_ROUNDINGS, GPU_AUTO_TOLERANCE};
 
@@ -223,61 +227,68 @@ impl GpuBackend {
         Ok(rows::parts(rows, per_part))
     }
 
-    /// One dispatch of `pipeline` with one workgroup per row: uploads `inputs` (params, valid
-    /// bits, in_a, in_b) and reads back outputs of the given byte sizes (out_a, out_b, report).
-    fn dispatch(
-        &self,
-        pipeline: &wgpu::ComputePipeline,
-        rows: usize,
-        inputs: [&[u8]; 4],
-        outputs: [u64; 3],
-    ) -> Result<[Vec<u32>; 3]> {
-        let [a, b, report] = outputs;
-        let resident = Resident::new(&self.ctx, &self.kernels.layout, inputs, [a, b, report, 0])?;
-        resident.run(&[(pipeline, (rows as u32, 1))])?;
-        resident.read([(OUT_A, a), (OUT_B, b), (REPORT, report)])
-    }
-
+    /// The exact top-k of a batch: one dispatch per part for rows that fit registers, a
+    /// chunked root search for longer rows (shaders/topk.wgsl).
     fn topk_exact_forward(&self, op: &SoftTopK, batch: &Batch) -> Result<Forward> {
         let (rows, n) = (batch.rows(), batch.n());
         let mut prepared = rows::prepare(op, batch, 0, Pass::Forward);
         let on_host = host_rows(op, &mut prepared);
         let mut fwd = Forward::zeros(rows, n, 0, false);
-        for part in self.split(rows, n, Variant::TopK, 0)? {
+        for part in self.topk_parts(rows, n)? {
             let count = part.len();
             let scores = &batch.scores()[part.start * n..part.end * n];
-            let [mask, _, report] = self.dispatch(
-                &self.kernels.topk_forward,
-                count,
+            let resident = Resident::new(
+                &self.ctx,
+                &self.kernels.layout,
                 [
                     bytemuck::cast_slice(&prepared.params[part.clone()]),
                     bytemuck::cast_slice(part_bits(&prepared, &part)),
                     bytemuck::cast_slice(scores),
                     &[],
                 ],
-                [(count * n * 4) as u64, 0, (count * 16) as u64],
+                [
+                    (count * n * 4) as u64,
+                    0,
+                    (count * 16) as u64,
+                    topk_work_bytes(count, n),
+                ],
             )?;
-            let mask: &[f32] = bytemuck::cast_slice(&mask);
-            fwd.mask[part.start * n..part.end * n].copy_from_slice(mask);
-            let report: &[u32] = bytemuck::cast_slice(&report);
+            let k = &self.kernels;
+            let each = count as u32;
+            if n <= ROW_IN_REGISTERS {
+                resident.run(&[(&k.topk_forward, (each, 1))])?;
+            } else {
+                let chunks = (long_chunks(n), each);
+                resident.run_until_settled(
+                    &[(&k.topk_long_start, (1, each))],
+                    &[(&k.topk_long_pass, chunks), (&k.topk_long_step, (1, each))],
+                    count,
+                    TOPK_MAX_STEPS,
+                )?;
+                resident.run(&[(&k.topk_long_finish, chunks)])?;
+            }
+            let [mask, report] = resident.read([
+                (OUT_A, (count * n * 4) as u64),
+                (REPORT, (count * 16) as u64),
+            ])?;
+            fwd.mask[part.start * n..part.end * n].copy_from_slice(bytemuck::cast_slice(&mask));
             for (i, r) in part.clone().enumerate() {
+                let mut rep = prepared.reports[r].clone();
                 if prepared.params[r].mode == MODE_SOLVE {
-                    let got = &report[i * 4..i * 4 + 4];
-                    let mut rep = prepared.reports[r].clone();
-                    rep.iterations = got[0];
-                    rep.converged = got[1] == 1;
+                    rep.iterations = report[i * 4];
+                    rep.converged = report[i * 4 + 1] == 1;
                     let sum: f64 = fwd.mask_row(r).iter().map(|&a| a as f64).sum();
                     rep.marginal_error = (sum - rep.k as f64).abs();
-                    fwd.reports.push(rep);
-                } else {
-                    fwd.reports.push(prepared.reports[r].clone());
                 }
+                fwd.reports.push(rep);
             }
         }
         forward_on_host(op, batch, &on_host, &mut fwd)?;
         Ok(fwd)
     }
 
+    /// The closed-form top-k backward: one workgroup per row that fits registers, two chunked
+    /// dispatches for longer rows.
     fn topk_backward(
         &self,
         op: &SoftTopK,
@@ -286,31 +297,38 @@ impl GpuBackend {
         g: &[f32],
     ) -> Result<Vec<f32>> {
         let (rows, n) = (batch.rows(), batch.n());
-        let prepared = rows::prepare(
-            op,
-            batch,
-            0,
-            Pass::Backward {
-                ranks_cotangent: false,
-            },
-        );
-        let mut prepared = prepared;
+        let pass = Pass::Backward {
+            ranks_cotangent: false,
+        };
+        let mut prepared = rows::prepare(op, batch, 0, pass);
         let on_host = host_rows(op, &mut prepared);
         let mut grad = vec![0.0f32; rows * n];
-        for part in self.split(rows, n, Variant::TopK, 0)? {
+        for part in self.topk_parts(rows, n)? {
             let count = part.len();
             let span = part.start * n..part.end * n;
-            let [out, _, _] = self.dispatch(
-                &self.kernels.topk_backward,
-                count,
+            let resident = Resident::new(
+                &self.ctx,
+                &self.kernels.layout,
                 [
                     bytemuck::cast_slice(&prepared.params[part.clone()]),
                     bytemuck::cast_slice(part_bits(&prepared, &part)),
                     bytemuck::cast_slice(&forward.mask[span.clone()]),
                     bytemuck::cast_slice(&g[span.clone()]),
                 ],
-                [(count * n * 4) as u64, 0, 0],
+                [(count * n * 4) as u64, 0, 0, topk_work_bytes(count, n)],
             )?;
+            let k = &self.kernels;
+            let each = count as u32;
+            if n <= ROW_IN_REGISTERS {
+                resident.run(&[(&k.topk_backward, (each, 1))])?;
+            } else {
+                let chunks = (long_chunks(n), each);
+                resident.run(&[
+                    (&k.topk_long_backward_pass, chunks),
+                    (&k.topk_long_backward_finish, chunks),
+                ])?;
+            }
+            let [out] = resident.read([(OUT_A, (count * n * 4) as u64)])?;
             grad[span].copy_from_slice(bytemuck::cast_slice(&out));
         }
         for r in on_host {
@@ -323,6 +341,32 @@ impl GpuBackend {
             grad[span].copy_from_slice(&row_grad);
         }
         Ok(grad)
+    }
+
+    /// The parts of a top-k batch; `Err(TooLarge)` when a row needs more chunks than one
+    /// dispatch takes.
+    fn topk_parts(&self, rows: usize, n: usize) -> Result<Vec<Range<usize>>> {
+        let groups = self.ctx.limits.max_compute_workgroups_per_dimension;
+        if n > ROW_IN_REGISTERS && long_chunks(n) > groups {
+            return Err(Error::TooLarge(format!(
+                "a row of n = {n} needs {} workgroups in one dispatch; the device allows {groups}",
+                long_chunks(n)
+            )));
+        }
+        self.split(rows, n, Variant::TopK, 0)
+    }
+}
+
+/// Root-search evaluations after which the host stops waiting for a long top-k row: the
+/// kernels give up after `MAX_STEPS` in shaders/topk.wgsl, which this must equal.
+pub const TOPK_MAX_STEPS: u64 = 200;
+
+/// The `work` scratch of `count` top-k rows of length n: only long rows use it.
+fn topk_work_bytes(count: usize, n: usize) -> u64 {
+    if n > ROW_IN_REGISTERS {
+        count as u64 * long_work_bytes_per_row(n)
+    } else {
+        0
     }
 }
 

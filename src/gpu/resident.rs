@@ -1,9 +1,10 @@
 //! One part of a batch resident on the device: its buffers bound once, then any number of
 //! submissions of dispatches over them, and read-backs of the outputs between submissions.
 //!
-//! The exact top-k needs one dispatch; the transport solve and the sorted backward are
-//! sequences of short dispatches (see shaders/transport.wgsl), recorded a block at a time with
-//! a read-back of the row reports between blocks to learn whether any row still runs.
+//! The exact top-k of short rows needs one dispatch; that of long rows, the transport solve and
+//! the sorted backward are sequences of short dispatches (see shaders/topk.wgsl and
+//! shaders/plan.wgsl), the solves recorded a block at a time with a read-back of the row
+//! reports between blocks to learn whether any row still runs.
 
 use super::context::{BufferUse, Context, Pooled};
 use crate::error::Result;
@@ -21,6 +22,16 @@ pub const REPORT: usize = 6;
 
 /// A grid of workgroups for one dispatch: (x, y), z = 1.
 pub type Grid = (u32, u32);
+
+/// A pipeline and the grid it is dispatched over.
+pub type Dispatch<'p> = (&'p wgpu::ComputePipeline, Grid);
+
+/// Evaluations (one round of a solve's step dispatches) recorded in the first submission of
+/// [`Resident::run_until_settled`]; later ones double up to [`MAX_BLOCK`]. A Newton solve
+/// typically ends within the first block, and the paper's 200 Sinkhorn sweeps take a handful
+/// of read-backs instead of 200.
+const FIRST_BLOCK: u32 = 8;
+const MAX_BLOCK: u32 = 64;
 
 /// Buffers on loan from the pool, bound as one bind group; returned to the pool on drop.
 pub(crate) struct Resident<'a> {
@@ -95,7 +106,7 @@ impl<'a> Resident<'a> {
 
     /// Records the dispatches in order in one compute pass and submits them. Later dispatches
     /// see what earlier ones wrote (WebGPU orders storage accesses between dispatches).
-    pub fn run(&self, dispatches: &[(&wgpu::ComputePipeline, Grid)]) -> Result<()> {
+    pub fn run(&self, dispatches: &[Dispatch]) -> Result<()> {
         let ctx = self.ctx;
         ctx.scoped(|| {
             let mut encoder = ctx
@@ -120,6 +131,37 @@ impl<'a> Resident<'a> {
             log::trace!("soft-topk: {} dispatches", dispatches.len());
             ctx.queue.submit([encoder.finish()]);
         })
+    }
+
+    /// Submits `first`, then `step` (the dispatches of one evaluation of every running row) a
+    /// block at a time, reading the rows' running flags (word 3 of each of the `rows` reports)
+    /// back between blocks, until no row runs or `cap` evaluations are spent. The kernels
+    /// leave a finished row alone, so a block may overshoot. Returns the evaluations recorded.
+    pub fn run_until_settled(
+        &self,
+        first: &[Dispatch],
+        step: &[Dispatch],
+        rows: usize,
+        cap: u64,
+    ) -> Result<u64> {
+        let report_bytes = (rows * 16) as u64;
+        let mut work = first.to_vec();
+        let (mut done, mut block) = (0u64, FIRST_BLOCK);
+        loop {
+            for _ in 0..block {
+                work.extend_from_slice(step);
+            }
+            self.run(&work)?;
+            work.clear();
+            done += block as u64;
+            let [report] = self.read([(REPORT, report_bytes)])?;
+            let running = report.chunks_exact(4).filter(|r| r[3] != 0).count();
+            log::trace!("soft-topk: {running} rows still running after {done} evaluations");
+            if running == 0 || done >= cap {
+                return Ok(done);
+            }
+            block = (block * 2).min(MAX_BLOCK);
+        }
     }
 
     /// Waits for the submitted work and reads back the first `bytes[i]` bytes of each output

@@ -10,12 +10,6 @@ use crate::error::{Error, Result};
 use crate::op::{Solver, Variant};
 use crate::{Batch, Forward, SoftTopK};
 
-/// Evaluations (a chunked pass and a row step each) recorded in the first submission; later
-/// ones double up to [`MAX_BLOCK`]. The rows' running flags are read back between
-/// submissions: a Newton solve typically ends within the first block, and the paper's 200
-/// Sinkhorn sweeps take a handful of read-backs instead of 200.
-const FIRST_BLOCK: u32 = 8;
-const MAX_BLOCK: u32 = 64;
 /// Evaluations one Newton step may take: its trials (the line search halves a step up to 30
 /// times, `LINE_SEARCH_STEPS` in shaders/transport.wgsl), the fallback's measurement, slack.
 const EVALUATIONS_PER_STEP: u64 = 32;
@@ -74,25 +68,12 @@ impl GpuBackend {
                 .unwrap_or(0);
             let cap = (most_steps as u64 + 1) * EVALUATIONS_PER_STEP;
 
-            let mut work = vec![(&k.transport_init, chunks), (&k.transport_start, each_row)];
-            let (mut done, mut block) = (0u64, FIRST_BLOCK);
-            loop {
-                for _ in 0..block {
-                    work.push((&k.transport_pass, chunks));
-                    work.push((&k.transport_step, each_row));
-                }
-                resident.run(&work)?;
-                work.clear();
-                done += block as u64;
-                let [report] = resident.read([(REPORT, report_bytes)])?;
-                let report: &[u32] = bytemuck::cast_slice(&report);
-                let running = report.chunks_exact(4).filter(|r| r[3] != 0).count();
-                log::trace!("soft-topk: {running} rows still running after {done} evaluations");
-                if running == 0 || done >= cap {
-                    break;
-                }
-                block = (block * 2).min(MAX_BLOCK);
-            }
+            resident.run_until_settled(
+                &[(&k.transport_init, chunks), (&k.transport_start, each_row)],
+                &[(&k.transport_pass, chunks), (&k.transport_step, each_row)],
+                count,
+                cap,
+            )?;
             resident.run(&[(&k.transport_finish, chunks)])?;
             let [mask, ranks, report] = resident.read([
                 (OUT_A, (count * n * 4) as u64),
