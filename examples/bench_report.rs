@@ -6,12 +6,12 @@
 //! cargo run --release --example bench_report -- --no-gpu --topk  # what benches/compare runs
 //! ```
 //!
-//! Each line: backend, adapter, variant, solver, rows, n, k, ε, the median seconds of the
-//! forward and of forward + backward over warm runs, elements per second (forward + backward),
-//! the largest error of the mask against the f64 exact solution, the count of non-finite gradient
-//! entries, and on the GPU the forward's GB/s with its ratio to a plain copy kernel timed on
-//! the same adapter (the practical ceiling of a memory-bound operator). GPU times include the
-//! upload of the scores and the readback of the results.
+//! Each line: backend, adapter (null on the CPU), variant, solver, rows, n, k, ε, the median
+//! seconds of the forward and of forward + backward over warm runs, elements per second
+//! (forward + backward), the largest error of the mask against the f64 exact solution, the count
+//! of non-finite gradient entries, and on the GPU the forward's GB/s with its ratio to a plain
+//! copy kernel timed on the same adapter (the practical ceiling of a memory-bound operator). GPU
+//! times include the upload of the scores and the readback of the results.
 
 use std::sync::Arc;
 
@@ -187,7 +187,9 @@ fn copy_bandwidth(repeats: usize) -> Option<f64> {
 
 fn main() {
     let args = Args::parse();
-    let mut backends: Vec<Arc<dyn Backend>> = vec![Arc::new(CpuBackend::new())];
+    // Each backend with the name of its adapter (none for the CPU).
+    let mut backends: Vec<(Arc<dyn Backend>, Option<String>)> =
+        vec![(Arc::new(CpuBackend::new()), None)];
     let mut copy_gb_per_s = None;
     let gpu = if args.no_gpu {
         Err("skipped (--no-gpu)".to_string())
@@ -198,7 +200,8 @@ fn main() {
         Ok(gpu) => {
             copy_gb_per_s = copy_bandwidth(args.repeats);
             eprintln!("{}: copy kernel {:?} GB/s", gpu.name(), copy_gb_per_s);
-            backends.push(gpu);
+            let adapter = gpu.adapter_info().name.clone();
+            backends.push((gpu, Some(adapter)));
         }
         Err(e) => eprintln!("no GPU: {e}"),
     }
@@ -215,7 +218,7 @@ fn main() {
         let exact = Reference
             .forward(&exact_op, &batch)
             .expect("reference forward");
-        for backend in &backends {
+        for (backend, adapter) in &backends {
             let forward = || backend.forward(&op, &batch).expect("forward");
             let fwd_s = timing::median_seconds(args.repeats, || drop(forward()));
             let fwd_bwd_s = timing::median_seconds(args.repeats, || {
@@ -239,9 +242,10 @@ fn main() {
             let reports = &out.reports;
             // The forward reads each score and writes each mask entry once: 8 bytes an element.
             let gb_per_s = 8.0 * (rows * n) as f64 / fwd_s / 1e9;
-            let is_gpu = backend.name().starts_with("gpu");
+            let is_gpu = adapter.is_some();
             let line = json!({
                 "backend": backend.name(),
+                "adapter": adapter,
                 "variant": if op.variant == Variant::Sorted { "sorted" } else { "topk" },
                 "solver": label,
                 "rows": rows,
