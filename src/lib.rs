@@ -32,8 +32,9 @@
 //! - [`reference`](mod@reference): plain f64 loops. It defines correctness; every other path
 //!   is tested against it.
 //! - [`cpu::CpuBackend`]: f32 storage, rows in parallel on all cores.
-//! - [`gpu::GpuBackend`]: WGSL compute shaders through wgpu (Vulkan, Metal, DX12). The exact
-//!   top-k runs there; the sorted variant and Sinkhorn are handed to the CPU backend for now.
+//! - [`gpu::GpuBackend`]: WGSL compute shaders through wgpu (Vulkan, Metal, DX12): both
+//!   variants and every solver, forward and backward; the sorted variant with k above
+//!   [`gpu::SORTED_K_MAX`] and rows f32 cannot carry are handed to the CPU (logged once).
 //! - [`GpuSoftTopK`]: an operator bound to a backend; by default the GPU when a hardware
 //!   adapter exists and the CPU otherwise, said once in the log.
 //!

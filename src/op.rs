@@ -55,7 +55,11 @@ pub enum Solver {
     Exact,
     /// Log-domain Sinkhorn: stops when the marginal error (the largest |column sum − ν_j| of
     /// the plan, in units of 1/n) falls to `tolerance`, or after `max_iterations` sweeps.
-    /// A tolerance of 0 runs exactly `max_iterations` sweeps, as the paper's code does.
+    /// A tolerance of 0 runs exactly `max_iterations` sweeps, as the paper's code does; the
+    /// report's `converged` then says whether they reached [`DEFAULT_TOLERANCE`] — on the GPU
+    /// backend, which solves in f32, whether they reached
+    /// [`GPU_AUTO_TOLERANCE`](crate::gpu::GPU_AUTO_TOLERANCE) (1e-5), so it may count rows
+    /// converged that an f64 solve does not.
     Sinkhorn { tolerance: f64, max_iterations: u32 },
     /// Sorted only: Newton's method on the k anchor potentials, each step a k×k solve, with a
     /// backtracking line search; stops like Sinkhorn.

@@ -10,8 +10,11 @@ use common::{assert_close, load_cases, worst_error, Case};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde_json::{json, Value};
+use soft_topk::cpu::CpuBackend;
 use soft_topk::reference::{backward_row, forward_row, RowCotangent};
-use soft_topk::{BackendKind, Batch, Cotangent, Direction, GpuSoftTopK, Scale, SoftTopK, Variant};
+use soft_topk::{
+    Backend, BackendKind, Batch, Cotangent, Direction, GpuSoftTopK, Scale, SoftTopK, Variant,
+};
 
 /// The public cases' expected values are f64 and the reference agrees with them to 1e-9
 /// (tests/public_cases.rs); through the tool it runs on the same f64 values, so the same bound.
@@ -679,6 +682,99 @@ fn npy_f64_input_on_the_reference_and_one_row() {
     assert_close("cpu f64 mask", &widen(&cpu), &want.mask, 1e-5);
 }
 
+/// An f64 score too large for f32 refuses its own row on an f32 backend, naming the score as
+/// given; the other rows are solved as if alone, and in a row where that entry is excluded it
+/// is ignored like any excluded entry.
+#[test]
+fn npy_score_beyond_f32_spoils_only_its_row() {
+    let dir = scratch("npy-beyond-f32");
+    let (rows, n) = (3usize, 5usize);
+    let mut x: Vec<f64> = (0..rows * n).map(|i| (i % 7) as f64 * 0.25).collect();
+    x[n + 2] = 1e39;
+    x[2 * n + 4] = -1e39;
+    let valid: Vec<bool> = (0..rows * n).map(|i| i != 2 * n + 4).collect();
+    let g: Vec<f64> = (0..rows * n).map(|i| (i % 3) as f64 - 1.0).collect();
+    let p = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    write_npy(&dir.join("x.npy"), &[rows as u64, n as u64], &x);
+    write_npy(&dir.join("valid.npy"), &[rows as u64, n as u64], &valid);
+    write_npy(&dir.join("g.npy"), &[rows as u64, n as u64], &g);
+    let out = run(
+        &[
+            "--backend",
+            "cpu",
+            "npy",
+            "--scores",
+            &p("x.npy"),
+            "--valid",
+            &p("valid.npy"),
+            "--cotangent",
+            &p("g.npy"),
+            "--k",
+            "2",
+            "--epsilon",
+            "0.1",
+            "--out-mask",
+            &p("mask.npy"),
+            "--out-grad",
+            &p("grad.npy"),
+            "--out-report",
+            &p("report.jsonl"),
+        ],
+        b"",
+    );
+    assert_eq!(out.status.code(), Some(3), "some rows had input errors");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("row 1, column 2") && err.contains("beyond the f32"),
+        "{err}"
+    );
+
+    let report = std::fs::read_to_string(dir.join("report.jsonl")).expect("reads the report");
+    let lines: Vec<Value> = report
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON"))
+        .collect();
+    assert_eq!(lines[1]["error"]["kind"], json!("non_finite_input"));
+    let message = lines[1]["error"]["message"].as_str().unwrap_or("");
+    assert!(message.contains("beyond the f32 range"), "{message}");
+    assert!(lines[0].get("error").is_none() && lines[2].get("error").is_none());
+
+    let (_, mask) = read_npy_f32(&dir.join("mask.npy"));
+    let (_, grad) = read_npy_f32(&dir.join("grad.npy"));
+    let op = SoftTopK::new(2, 0.1);
+    for row in [0, 2] {
+        let span = row * n..(row + 1) * n;
+        let scores: Vec<f32> = x[span.clone()].iter().map(|&v| v as f32).collect();
+        let ok = valid[span.clone()].to_vec();
+        let batch = Batch::single(&scores)
+            .and_then(|b| b.with_valid(&ok))
+            .expect("the row alone");
+        let g32: Vec<f32> = g[span.clone()].iter().map(|&v| v as f32).collect();
+        let fwd = CpuBackend::new().forward(&op, &batch).expect("forward");
+        let want_grad = CpuBackend::new()
+            .backward(&op, &batch, &fwd, Cotangent::Mask(&g32))
+            .expect("backward");
+        // The same backend on the same row: bit for bit.
+        assert_same(
+            &format!("row {row} mask"),
+            &widen(&mask[span.clone()]),
+            &widen(&fwd.mask),
+            0.0,
+        );
+        assert_same(
+            &format!("row {row} grad"),
+            &widen(&grad[span]),
+            &widen(&want_grad),
+            0.0,
+        );
+    }
+    let refused = n..2 * n;
+    assert!(mask[refused.clone()]
+        .iter()
+        .chain(&grad[refused])
+        .all(|&v| v == 0.0));
+}
+
 /// Runs an `npy` job that must fail; returns its stderr after checking that no output (or
 /// temporary file) was left in `dir` beyond `inputs`.
 fn npy_must_fail(dir: &Path, scores: &Path, inputs: &[&str]) -> String {
@@ -746,6 +842,60 @@ fn npy_bad_files_fail_cleanly() {
         &["cube.npy", "huge.npy", "ints.npy", "truncated.npy"],
     );
     assert!(err.contains("1-D") && err.contains("2-D"), "{err}");
+}
+
+/// Two paths naming one file: an output over the scores, and the gradient over the mask
+/// (once through another spelling of the same path). Each job fails before writing anything,
+/// and the scores are left as they were.
+#[test]
+fn npy_outputs_need_paths_of_their_own() {
+    let dir = scratch("npy-same-path");
+    let scores = dir.join("x.npy");
+    let cot = dir.join("cot.npy");
+    write_npy(&scores, &[2, 3], &[0.1f32, 0.5, 0.9, 0.3, 0.2, 0.8]);
+    write_npy(&cot, &[2, 3], &[1.0f32; 6]);
+    let before = std::fs::read(&scores).expect("reads");
+    let path = |p: &Path| p.to_str().expect("UTF-8 path").to_string();
+    let mask = dir.join("mask.npy");
+    let mask_again = dir.join(".").join("mask.npy");
+    for (out_mask, out_grad, clash) in [
+        (path(&scores), path(&dir.join("grad.npy")), "x.npy"),
+        (path(&mask), path(&mask_again), "mask.npy"),
+        (path(&mask), path(&cot), "cot.npy"),
+    ] {
+        let out = run(
+            &[
+                "--backend",
+                "cpu",
+                "npy",
+                "--scores",
+                &path(&scores),
+                "--k",
+                "1",
+                "--epsilon",
+                "0.1",
+                "--cotangent",
+                &path(&cot),
+                "--out-mask",
+                &out_mask,
+                "--out-grad",
+                &out_grad,
+            ],
+            b"",
+        );
+        assert!(
+            !out.status.success(),
+            "{out_mask} and {out_grad} must be refused"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("same file") && err.contains(clash), "{err}");
+        assert_eq!(files_in(&dir), ["cot.npy", "x.npy"], "nothing written");
+    }
+    assert_eq!(
+        std::fs::read(&scores).expect("reads"),
+        before,
+        "the scores are untouched"
+    );
 }
 
 #[test]

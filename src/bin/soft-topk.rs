@@ -36,8 +36,9 @@ const EXIT_ROW_ERRORS: u8 = 3;
                   (their outputs are 0)."
 )]
 struct Cli {
-    /// Where to solve: auto (the GPU when an adapter exists, else the CPU), gpu, cpu (fast
-    /// f32), or reference (f64, slow; exact to f64 on f64 input).
+    /// Where to solve: auto (the GPU when a hardware adapter exists, else the CPU; a software
+    /// adapter such as lavapipe is slower than the CPU), gpu (any adapter), cpu (fast f32),
+    /// or reference (f64, slow; exact to f64 on f64 input).
     #[arg(long, global = true, default_value = "auto", value_name = "BACKEND")]
     backend: BackendKind,
 
@@ -108,7 +109,8 @@ struct NpyArgs {
     solver: String,
 
     /// Stopping tolerance of sinkhorn and newton (marginal error, in units of 1/n).
-    #[arg(long)]
+    // Negative numbers reach the operator's own check, which says what is wrong.
+    #[arg(long, allow_negative_numbers = true)]
     tolerance: Option<f64>,
 
     /// Iteration cap of sinkhorn and newton.
@@ -255,6 +257,8 @@ fn run_npy(kind: BackendKind, args: NpyArgs) -> Result<ExitCode> {
         out_grad: args.out_grad,
         out_report: args.out_report,
     };
+    // Before the adapter is probed, so that a mistyped command fails at once.
+    job.check()?;
     let runner = start(kind)?;
     let summary = npy::run_job(&job, &runner)?;
 

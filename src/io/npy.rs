@@ -358,6 +358,66 @@ pub struct NpyJob {
     pub out_report: Option<PathBuf>,
 }
 
+impl NpyJob {
+    /// Checks what can be checked before any file is read: the outputs asked for fit the
+    /// variant, and no two paths name the same file (an output over an input, or two outputs
+    /// over each other, would leave only the last one written).
+    pub fn check(&self) -> Result<(), NpyError> {
+        let sorted = self.op.variant == Variant::Sorted;
+        if let (Some(path), false) = (&self.out_ranks, sorted) {
+            return Err(NpyError::invalid(
+                path,
+                "ranks are an output of the sorted variant (add --sorted)",
+            ));
+        }
+        if self.cotangent.is_some() != self.out_grad.is_some() {
+            let path = self.cotangent.as_ref().or(self.out_grad.as_ref());
+            return Err(NpyError::invalid(
+                path.map_or(Path::new(""), |p| p.as_path()),
+                "a gradient needs both a cotangent input and a gradient output",
+            ));
+        }
+        let inputs = [
+            Some(&self.scores),
+            self.valid.as_ref(),
+            self.cotangent.as_ref(),
+        ];
+        let outputs = [
+            Some(&self.out_mask),
+            self.out_ranks.as_ref(),
+            self.out_grad.as_ref(),
+            self.out_report.as_ref(),
+        ];
+        // Every path given, inputs first; each output is checked against all before it.
+        let first_output = inputs.iter().flatten().count();
+        let paths: Vec<&PathBuf> = inputs.into_iter().chain(outputs).flatten().collect();
+        for (i, out) in paths.iter().enumerate().skip(first_output) {
+            if let Some(other) = paths[..i].iter().find(|p| same_file(p, out)) {
+                return Err(NpyError::invalid(
+                    out,
+                    format!(
+                        "names the same file as {}; each output needs a path of its own",
+                        other.display()
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether two paths name one file: by their canonical forms where both exist, otherwise by
+/// their absolute forms (an output usually does not exist yet).
+fn same_file(a: &Path, b: &Path) -> bool {
+    if let (Ok(a), Ok(b)) = (a.canonicalize(), b.canonicalize()) {
+        return a == b;
+    }
+    match (std::path::absolute(a), std::path::absolute(b)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
+}
+
 /// What a job did: rows solved, and the rows refused with why (their outputs are 0).
 #[derive(Debug, Clone, Default)]
 pub struct JobSummary {
@@ -382,21 +442,8 @@ enum JobCotangent {
 /// Runs a job: reads and checks every input, solves, then writes every output, each one
 /// renamed into place only once all of them are written. On an error nothing is written.
 pub fn run_job(job: &NpyJob, runner: &Runner) -> Result<JobSummary, NpyError> {
+    job.check()?;
     let sorted = job.op.variant == Variant::Sorted;
-    if job.out_ranks.is_some() && !sorted {
-        return Err(NpyError::invalid(
-            job.out_ranks.as_deref().unwrap_or(Path::new("")),
-            "ranks are an output of the sorted variant (add --sorted)",
-        ));
-    }
-    if job.cotangent.is_some() != job.out_grad.is_some() {
-        let path = job.cotangent.as_ref().or(job.out_grad.as_ref());
-        return Err(NpyError::invalid(
-            path.map_or(Path::new(""), |p| p.as_path()),
-            "a gradient needs both a cotangent input and a gradient output",
-        ));
-    }
-
     // Scores: one row or a matrix.
     let scores = read_array(&job.scores)?;
     let (rows, n) = match scores.shape[..] {
@@ -448,11 +495,10 @@ pub fn run_job(job: &NpyJob, runner: &Runner) -> Result<JobSummary, NpyError> {
     let answers = if runner.is_reference() {
         solve_reference(&job.op, &x, rows, n, valid.as_deref(), cotangent.as_ref())
     } else {
-        let x32 = narrow(&x, &job.scores, n)?;
         solve_on_backend(
             runner,
             &job.op,
-            &x32,
+            &x,
             rows,
             n,
             valid.as_deref(),
@@ -559,8 +605,32 @@ fn read_cotangent(
     }
 }
 
-/// f64 scores as f32 for the f32 backends; a finite score beyond f32 is an error, not an
-/// infinity (which would even mean "excluded").
+/// Why a finite f64 score is refused by the f32 backends.
+const BEYOND_F32: &str = "beyond the f32 range of this backend; the reference backend takes it";
+
+/// f64 scores as f32 for the f32 backends. A finite score beyond f32 becomes NaN, so that the
+/// backend refuses its row alone (an infinity would even mean "excluded"), and is listed as
+/// (row, column, value) for the row's error to name it; an excluded one is ignored like any.
+fn narrow_scores(values: &[f64], n: usize) -> (Vec<f32>, Vec<(usize, usize, f64)>) {
+    let mut beyond = Vec::new();
+    let narrowed = values
+        .iter()
+        .enumerate()
+        .map(|(at, &x)| {
+            let y = x as f32;
+            if x.is_finite() && !y.is_finite() {
+                beyond.push((at / n, at % n, x));
+                f32::NAN
+            } else {
+                y
+            }
+        })
+        .collect();
+    (narrowed, beyond)
+}
+
+/// f64 values (the cotangent) as f32 for the f32 backends; a finite value beyond f32 is an
+/// error, not an infinity.
 fn narrow(values: &[f64], path: &Path, n: usize) -> Result<Vec<f32>, NpyError> {
     values
         .iter()
@@ -663,19 +733,32 @@ fn fill(dst: &mut [f32], src: &[f64]) {
 fn solve_on_backend(
     runner: &Runner,
     op: &SoftTopK,
-    x: &[f32],
+    x: &[f64],
     rows: usize,
     n: usize,
     valid: Option<&[bool]>,
     cotangent: Option<JobCotangent>,
     job: &NpyJob,
 ) -> Result<Answers, NpyError> {
-    let mut batch = Batch::new(x, rows, n)?;
+    let (x, beyond) = narrow_scores(x, n);
+    let mut batch = Batch::new(&x, rows, n)?;
     if let Some(v) = valid {
         batch = batch.with_valid(v)?;
     }
     let topk = runner.operator(op.clone())?;
-    let forward = topk.run(&batch)?;
+    let mut forward = topk.run(&batch)?;
+    // A row refused at a score that was too large for f32 says so, with the score as given.
+    for (row, col, value) in beyond {
+        let error = &mut forward.reports[row].error;
+        if matches!(error, Some(Error::NonFiniteInput { col: c, .. }) if *c == col) {
+            *error = Some(Error::NonFiniteInput {
+                row,
+                col,
+                value,
+                why: BEYOND_F32,
+            });
+        }
+    }
     let grad = match cotangent {
         None => None,
         Some(c) => {

@@ -22,7 +22,7 @@ pub fn topk_backward(mask: &[f64], grad_mask: &[f64], factor: f64) -> Vec<f64> {
 
 /// The damping a sorted backward adds to J's diagonal when its plan was rounded to f32 (the
 /// forward output of every backend). Such a plan keeps a nearly hard item's leftover mass
-/// 1 − Σ_j P[j][i] only to the f32 rounding of the ranks' sum (~k·6e-8, where f64 has 1e-90,
+/// 1 − Σ_j P\[j\]\[i\] only to the f32 rounding of the ranks' sum (~k·6e-8, where f64 has 1e-90,
 /// say), which gives c a component along J's near-null directions (a block of anchors that
 /// barely exchanges mass with the rest); 1e-10 relative damping then turned 6e-8 of noise into
 /// gradients of 10 on rows whose true gradient is 1e-12. J's entries are at most 1 (a ranked
