@@ -12,9 +12,9 @@
 // the row's small dense algebra.
 //
 // The Jacobian. For a plan whose rows each sum to 1 (p_ij, anchors j < m), the column
-// Jacobian over the free anchors j, l < m − 1 is J_jl = Σ_i p_ij·(δ_jl − p_il): the matrix of
-// Newton on the anchor potentials and the K of MATH.md §5 (in units of μ_i). Its diagonal is
-// formed as Σ_i p_ij·Σ_{l≠j} p_il so that nearly hard rows keep their digits.
+// Jacobian over the free anchors j, l < m − 1 is J_jl = Σ_i p_ij·(δ_jl − p_il): the matrix
+// of Newton on the anchor potentials and the K of MATH.md §5 (in units of μ_i). Its diagonal
+// is formed as Σ_i p_ij·Σ_{l≠j} p_il so that nearly hard rows keep their digits.
 
 // The largest k: the k×k systems live in workgroup memory. Must equal `SORTED_K_MAX` in
 // src/gpu/kernels.rs.

@@ -5,7 +5,8 @@
 // the leftover anchor) and β_{m−1} = 0 fixing the gauge:
 //
 //   r_i = Σ_j p_ij g_ij,   J β = Σ_i p_ij (g_ij − r_i)  (free anchors j < m − 1)
-//   ∂L/∂x_i = sign · (−factor) · Σ_j p_ij (α_i + β_j − g_ij) y_j,   α_i = r_i − Σ_j p_ij β_j
+//   ∂L/∂x_i = sign · (−factor) · Σ_j p_ij (α_i + β_j − g_ij) y_j,
+//   α_i = r_i − Σ_j p_ij β_j
 //
 // with J the column Jacobian of plan.wgsl and anchors y_j = k − j.
 //
@@ -290,8 +291,8 @@ fn refined_solve(free: u32) -> bool {
 }
 
 // sorted_backward_finish: chunk `wid.x` of row `wid.y` writes the gradient of its scores,
-// sign · (−factor) · Σ_j p_ij (α_i + β_j − g_ij) y_j; 0 for excluded entries, for rows without
-// a gradient and for rows whose solve failed.
+// sign · (−factor) · Σ_j p_ij (α_i + β_j − g_ij) y_j; 0 for excluded entries, for rows
+// without a gradient and for rows whose solve failed.
 //   params, valid_bits, in_a, in_b: as for sorted_backward_pass
 //   work:       [rows, ...] (plan.wgsl): S_BETA and S_SOLVED of the row
 //   out_a:      grad_scores [rows, n]

@@ -6,8 +6,8 @@ use crate::op::{Direction, Scale, SoftTopK, Variant};
 /// `rows × n` f32 scores, row-major, with an optional validity mask of the same shape.
 ///
 /// An entry takes part in its row when its mask value is `true` (or there is no mask) and it is
-/// not −∞ in largest mode (+∞ in smallest mode). Excluded entries are never read otherwise, so a
-/// masked-out NaN is harmless; they get output 0 and gradient 0.
+/// not −∞ in largest mode (+∞ in smallest mode). Excluded entries are never read otherwise,
+/// so a masked-out NaN is harmless; they get output 0 and gradient 0.
 #[derive(Debug, Clone, Copy)]
 pub struct Batch<'a> {
     scores: &'a [f32],

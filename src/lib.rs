@@ -16,8 +16,8 @@
 //! ```
 //!
 //! so top-k is a scalar root search, not an iteration to convergence. Its gradient is closed
-//! form: ∂L/∂x_j = (2/(s·ε)) · A_j(1 − A_j) · (g_j − ḡ), with ḡ the A(1 − A)-weighted mean of
-//! the upstream gradient g.
+//! form: ∂L/∂x_j = (2/(s·ε)) · A_j(1 − A_j) · (g_j − ḡ), with ḡ the mean of the
+//! upstream gradient g weighted by A(1 − A).
 //!
 //! The sorted variant uses k + 1 anchors (k, k − 1, …, 0) and returns one soft one-hot per
 //! rank. It is solved iteratively (dual Newton or log-domain Sinkhorn) and differentiated

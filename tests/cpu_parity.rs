@@ -11,7 +11,7 @@ use soft_topk::{check_row, Backend, Batch, Cotangent, Direction, Scale, SoftTopK
 /// (≈ 0.5 ulp·√n): a mask entry moves by at most that, 6e-8·√4096 ≈ 4e-6 at n = 4096.
 const MASK_TOLERANCE: f32 = 1e-5;
 /// Gradients are 2/(s·ε)·A'·(g − ḡ): an error δ in A moves A' by δ and g − ḡ by up to
-/// 2·max|g|·δ/A', so the gradient may move by 4·δ·max|g|·2/(s·ε); δ is the mask tolerance.
+/// 2·max|g|·δ/A', so the gradient may move by 4·δ·max|g|·2/(s·ε), δ the mask tolerance.
 const GRAD_ERROR_PER_MASK_ERROR: f32 = 4.0;
 /// The sorted variant runs the f64 reference inside; only f32 rounding of the outputs remains.
 const SORTED_TOLERANCE: f32 = 1e-6;

@@ -440,8 +440,8 @@ fn regression_cpu_threshold_below_f64_resolution() {
     }
 }
 
-/// Regression: with 2/(s·ε) beyond f64 (ε = 5e-324) or u = 2·(x − c)/(s·ε) beyond it (a spread
-/// of 1e300 at ε = 1e-10, reachable through the tool's f64 input), the reference computed
+/// Regression: with 2/(s·ε) beyond f64 (ε = 5e-324) or u = 2·(x − c)/(s·ε) beyond it (a
+/// spread of 1e300 at ε = 1e-10, reachable through the tool's f64 input), the reference computed
 /// 0·∞ = NaN for tied scores: the sorted plan was NaN and its masks (NaN clamped by min(1))
 /// read 1 on every entry, summing to n instead of k. Found by tests/fuzz_parsers.rs.
 #[test]

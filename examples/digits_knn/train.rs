@@ -376,7 +376,8 @@ pub fn normalised_distances(
 }
 
 /// Through the division by the row mean: with s_j = D_j/μ and μ the mean of the valid D,
-/// ∂L/∂D_l = (a_l − (Σ_j a_j·s_j)/n_valid) / μ, where a = ∂L/∂s. Excluded entries get 0.
+/// ∂L/∂D_l = (a_l − (Σ_j a_j·s_j)/n_valid) / μ, where a = ∂L/∂s. Excluded entries get
+/// gradient 0.
 pub fn normalisation_backward(scores: &[f64], means: &[f64], grad_scores: &[f64]) -> Vec<f64> {
     let n = scores.len() / means.len();
     let mut grad = vec![0.0; scores.len()];
@@ -404,8 +405,8 @@ pub fn normalisation_backward(scores: &[f64], means: &[f64], grad_scores: &[f64]
 }
 
 /// Through D_rj = ||W·(x_r − x_j)||² into W, given h = ∂L/∂D (`queries × candidates`):
-/// ∂L/∂W = 2 Σ_rj h_rj (z_r − z_j)(x_r − x_j)ᵀ, summed as four products so that the cost is
-/// O(rows·n·features) rather than O(rows·n·dim·features):
+/// ∂L/∂W = 2 Σ_rj h_rj (z_r − z_j)(x_r − x_j)ᵀ, summed as four products so that the cost
+/// is O(rows·n·features) rather than O(rows·n·dim·features):
 /// Zqᵀ diag(Σ_j h_rj) Xq − Zqᵀ (H Xc) − (H Zc)ᵀ Xq + Zcᵀ diag(Σ_r h_rj) Xc.
 pub fn embedding_backward(
     h: &[f64],

@@ -21,8 +21,8 @@
 //! The cotangent is ∂L/∂mask, n numbers, for top-k. For the sorted variant it is ∂L/∂ranks,
 //! either k arrays of n (entry `[j][i]` = `∂L/∂ranks[j][i]`, the layout of the output) or n
 //! arrays of k (entry `[i][j]`, the layout of the shared cases' `v`); the shape decides, and
-//! when n = k (both shapes fit) it is read as `[j][i]`. A flat array of n numbers is ∂L/∂mask for
-//! the sorted variant too. Cotangent entries must be finite.
+//! when n = k (both shapes fit) it is read as `[j][i]`. A flat array of n numbers is ∂L/∂mask
+//! for the sorted variant too. Cotangent entries must be finite.
 //!
 //! # Output
 //!

@@ -4,8 +4,8 @@
 use super::solve::column_jacobian;
 use crate::linalg::solve_psd;
 
-/// Top-k: ∂L/∂x_j = factor · A'_j · (g_j − ḡ), with A' = A(1 − A), ḡ the A'-weighted mean of g
-/// and factor = 2/(s·ε). A saturated row (Σ A' = 0) gets a zero gradient.
+/// Top-k: ∂L/∂x_j = factor · A'_j · (g_j − ḡ), with A' = A(1 − A), ḡ the A'-weighted
+/// mean of g and factor = 2/(s·ε). A saturated row (Σ A' = 0) gets a zero gradient.
 pub fn topk_backward(mask: &[f64], grad_mask: &[f64], factor: f64) -> Vec<f64> {
     let slope: Vec<f64> = mask.iter().map(|&a| a * (1.0 - a)).collect();
     let total: f64 = slope.iter().sum();
@@ -22,12 +22,13 @@ pub fn topk_backward(mask: &[f64], grad_mask: &[f64], factor: f64) -> Vec<f64> {
 
 /// The damping a sorted backward adds to J's diagonal when its plan was rounded to f32 (the
 /// forward output of every backend). Such a plan keeps a nearly hard item's leftover mass
-/// 1 − Σ_j P\[j\]\[i\] only to the f32 rounding of the ranks' sum (~k·6e-8, where f64 has 1e-90,
-/// say), which gives c a component along J's near-null directions (a block of anchors that
-/// barely exchanges mass with the rest); 1e-10 relative damping then turned 6e-8 of noise into
-/// gradients of 10 on rows whose true gradient is 1e-12. J's entries are at most 1 (a ranked
-/// column sums to 1), so damping at the plan's own noise level leaves those directions O(g)
-/// and moves a well-determined direction (eigenvalue ≳ 0.01) by ≲ 1e-4 of itself.
+/// 1 − Σ_j P\[j\]\[i\] only to the f32 rounding of the ranks' sum (~k·6e-8 where f64 would
+/// hold, say, 1e-90), which gives c a component along J's near-null directions (a block of
+/// anchors that barely exchanges mass with the rest); 1e-10 relative damping then turned 6e-8
+/// of noise into gradients of 10 on rows whose true gradient is 1e-12. J's entries are at most
+/// 1 (a ranked column sums to 1), so damping at the plan's own noise level leaves those
+/// directions O(g) and moves a well-determined direction (eigenvalue ≳ 0.01) by ≲ 1e-4 of
+/// itself.
 pub const ROUNDED_PLAN_DAMPING: f64 = 1e-6;
 
 /// Sorted: implicit differentiation of the optimality conditions (MATH.md §5).
